@@ -1,0 +1,93 @@
+"""A cache of finished stages (toy world, tiny models, trained heads), keyed by config hash.
+
+A stage directory is complete only when it holds a manifest listing every file with its size and
+sha256, written last. A directory without one (a run killed mid-way) or whose files disagree with
+it (a corrupt file) is rebuilt, never used. Stages are built in a temporary sibling directory and
+renamed into place, so a reader never sees half a stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from reward_models.io import atomic_dir, file_sha256, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = ".complete.json"
+# Bump when a change to the code makes old cached stages wrong even for an unchanged config.
+CACHE_VERSION = 1
+
+
+def cache_root() -> Path:
+    """$PLURAL_DIFFUSION_CACHE, else $XDG_CACHE_HOME/plural-diffusion, else ~/.cache/..."""
+    if env := os.environ.get("PLURAL_DIFFUSION_CACHE"):
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "plural-diffusion"
+
+
+def config_hash(config: dict) -> str:
+    """12 hex digits identifying a config (and the cache version)."""
+    blob = json.dumps({"v": CACHE_VERSION, "config": config}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path, config: dict) -> None:
+    files = {
+        str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in _files(root)
+    }
+    write_json(root / MANIFEST, {"config": config, "files": files})
+
+
+def verify(root: Path) -> str | None:
+    """None when `root` is a complete stage, else the reason it is not."""
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (an interrupted build?)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (json.JSONDecodeError, KeyError):
+        return "unreadable manifest"
+    for rel, meta in files.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != meta["size"] or file_sha256(path) != meta["sha256"]:
+            return f"{rel} differs from the manifest"
+    return None
+
+
+def cached_stage(
+    name: str,
+    config: dict,
+    build: Callable[[Path], None],
+    root: Path | None = None,
+    rebuild: bool = False,
+) -> Path:
+    """Directory of stage `name` for `config`; `build(tmp_dir)` fills it when not cached yet."""
+    root = Path(root) if root is not None else cache_root()
+    path = root / f"{name}-{config_hash(config)}"
+    if not rebuild and path.exists():
+        reason = verify(path)
+        if reason is None:
+            log.info("reusing cached %s at %s", name, path)
+            return path
+        log.warning("cached %s at %s is unusable (%s); rebuilding", name, path, reason)
+    for stale in root.glob(f"*{path.name}.*.tmp"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
+    with atomic_dir(path) as tmp:
+        build(tmp)
+        write_manifest(tmp, config)
+    return path

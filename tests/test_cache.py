@@ -1,0 +1,56 @@
+"""Stage cache: reuse a finished stage, rebuild a partial or corrupt one, never use it."""
+
+import pytest
+
+from plural_diffusion.cache import MANIFEST, cached_stage, verify
+
+
+def make_builder(calls):
+    def build(d):
+        calls.append(d)
+        (d / "weights.bin").write_bytes(b"\x01" * 1000)
+        (d / "sub").mkdir()
+        (d / "sub" / "config.json").write_text('{"a": 1}')
+
+    return build
+
+
+def test_second_call_reuses_the_stage(tmp_path):
+    calls = []
+    p1 = cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
+    p2 = cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
+    assert p1 == p2 and len(calls) == 1 and verify(p1) is None
+    p3 = cached_stage("thing", {"x": 2}, make_builder(calls), root=tmp_path)
+    assert p3 != p1 and len(calls) == 2
+
+
+def test_corrupt_file_is_detected_and_rebuilt(tmp_path):
+    calls = []
+    path = cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
+    (path / "weights.bin").write_bytes(b"\x01" * 10)  # truncated
+    assert "differs from the manifest" in verify(path)
+    cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
+    assert len(calls) == 2 and (path / "weights.bin").stat().st_size == 1000
+
+
+def test_interrupted_build_leaves_no_usable_stage(tmp_path):
+    calls = []
+
+    def dies(d):
+        (d / "weights.bin").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cached_stage("thing", {"x": 1}, dies, root=tmp_path)
+    assert not any(p.name.startswith("thing-") for p in tmp_path.iterdir())
+    path = cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
+    assert len(calls) == 1 and (path / MANIFEST).is_file()
+
+
+def test_stage_without_manifest_is_rebuilt(tmp_path):
+    calls = []
+    path = cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
+    (path / MANIFEST).unlink()  # as if killed between files and manifest
+    assert verify(path) == "no manifest (an interrupted build?)"
+    cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
+    assert len(calls) == 2

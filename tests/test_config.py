@@ -1,0 +1,73 @@
+"""Typed configs: YAML + key=value overrides, and one-line errors naming the bad key."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from plural_diffusion.toyworld.ratings import ToyWorldConfig
+from reward_models.config import load_config, parse_overrides, to_dict
+from reward_models.errors import UserError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class Job:
+    name: str = "run"
+    epochs: int = 3
+    mode: Literal["fast", "full"] = "full"
+    optim: Optim = field(default_factory=Optim)
+    tags: list[str] = field(default_factory=list)
+    limit: int | None = None
+
+
+def test_defaults_then_yaml_then_overrides(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("epochs: 10\noptim:\n  lr: 3e-4\n")
+    cfg = load_config(Job, path, ["optim.betas=[0.5, 0.9]", "tags=[a, b]", "limit=7"])
+    assert cfg.epochs == 10 and cfg.optim.lr == 3e-4 and cfg.optim.betas == (0.5, 0.9)
+    assert cfg.tags == ["a", "b"] and cfg.limit == 7 and cfg.name == "run"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optim.lrr=1", "unknown config key 'optim.lrr'"),
+        ("epochs=ten", "config key 'epochs': expected an integer"),
+        ("epochs=1.5", "config key 'epochs': expected an integer"),
+        ("mode=slow", "config key 'mode': expected one of ['fast', 'full']"),
+        ("optim.betas=[1]", "config key 'optim.betas': expected 2 items"),
+        ("optim=3", "config key 'optim': expected a mapping"),
+        ("epochs", "is not of the form key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(UserError) as e:
+        load_config(Job, None, [override])
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_bad_yaml_file_is_a_user_error(tmp_path):
+    (tmp_path / "bad.yaml").write_text("epochs: [1\n")
+    with pytest.raises(UserError, match="not valid YAML"):
+        load_config(Job, tmp_path / "bad.yaml")
+    with pytest.raises(UserError, match="not found"):
+        load_config(Job, tmp_path / "missing.yaml")
+
+
+def test_nested_list_of_dataclasses_round_trips():
+    cfg = load_config(ToyWorldConfig, None, ["n_raters=12"])
+    again = load_config(ToyWorldConfig, None, [])
+    again.n_raters = 12
+    assert to_dict(cfg) == to_dict(again)
+    assert cfg.clusters[2].name == "vivid"
+
+
+def test_parse_overrides_builds_a_tree():
+    assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
