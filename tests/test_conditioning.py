@@ -1,0 +1,185 @@
+"""Taste conditioning: exact identity at init, gradient reaches the taste, save/load round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+from plural_diffusion.conditioning import (
+    TasteConditioner,
+    TasteConditioningConfig,
+    detach_taste,
+    load_taste_conditioner,
+    save_taste_conditioner,
+    unet_forward,
+)
+from reward_models.errors import UserError
+
+TASTE_DIM = 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny tensors gain nothing from threads, and on a shared 2-core box two OpenMP threads
+    contending with other jobs run these tests ~20x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+        norm_num_groups=32,
+    )
+    return unet.eval().requires_grad_(False)
+
+
+def inputs(seed: int = 0, batch: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, 4, 8, 8, generator=g)
+    text = torch.randn(batch, 7, 32, generator=g)  # [B, L, C] stands in for CLIP text states
+    z = torch.randn(batch, TASTE_DIM, generator=g)
+    return latents, torch.tensor([500, 20]), text, z
+
+
+def conditioner_for(unet, mode: str) -> TasteConditioner:
+    config = TasteConditioningConfig(mode=mode, taste_dim=TASTE_DIM, n_tokens=3, hidden=16)
+    conditioner = TasteConditioner.for_unet(config, unet)
+    conditioner.attach(unet)
+    return conditioner
+
+
+@pytest.mark.parametrize("mode", ["tokens", "timestep"])
+def test_conditioned_unet_equals_the_base_exactly_at_init(mode):
+    unet = tiny_unet()
+    latents, t, text, z = inputs()
+    with torch.no_grad():
+        base = unet(latents, t, encoder_hidden_states=text).sample
+        conditioner = conditioner_for(unet, mode)
+        conditioned = unet_forward(unet, conditioner, latents, t, text, z)
+        null = unet_forward(unet, conditioner, latents, t, text, None)
+        reference = unet_forward(unet, None, latents, t, text, z)
+    assert conditioner.config.out_dim == (32 if mode == "tokens" else 128)
+    torch.testing.assert_close(conditioned, base, atol=0, rtol=0)
+    torch.testing.assert_close(null, base, atol=0, rtol=0)
+    torch.testing.assert_close(reference, base, atol=0, rtol=0)
+
+
+def test_zero_tokens_appended_to_plain_cross_attention_are_not_a_no_op():
+    # the trap the decoupled taste attention avoids: softmax mass moves to the extra tokens
+    unet = tiny_unet()
+    latents, t, text, _ = inputs()
+    with torch.no_grad():
+        base = unet(latents, t, encoder_hidden_states=text).sample
+        padded = torch.cat([text, torch.zeros(2, 3, 32)], dim=1)
+        naive = unet(latents, t, encoder_hidden_states=padded).sample
+    assert (naive - base).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["tokens", "timestep"])
+def test_one_optimizer_step_makes_two_tastes_give_different_outputs(mode):
+    unet = tiny_unet()
+    latents, t, text, z = inputs(1)
+    same_x = latents[:1].expand(2, -1, -1, -1)  # one image, two tastes
+    same_t, same_text = t[:1].expand(2), text[:1].expand(2, -1, -1)
+    with torch.no_grad():
+        base = unet(same_x, same_t, encoder_hidden_states=same_text).sample
+    conditioner = conditioner_for(unet, mode)
+    with torch.no_grad():
+        before = unet_forward(unet, conditioner, latents, t, text, z)
+    # taste 0 wants the prediction up, taste 1 wants it down
+    target = before + torch.tensor([1.0, -1.0]).view(2, 1, 1, 1)
+    optimizer = torch.optim.Adam(conditioner.parameters(), lr=1e-2)
+    loss = ((unet_forward(unet, conditioner, latents, t, text, z) - target) ** 2).mean()
+    loss.backward()
+    assert conditioner.proj_out.weight.grad.abs().sum() > 0  # the zero projection gets a gradient
+    optimizer.step()
+
+    with torch.no_grad():
+        out = unet_forward(unet, conditioner, same_x, same_t, same_text, z)
+        after = unet_forward(unet, conditioner, latents, t, text, z)
+        reference = unet_forward(unet, None, same_x, same_t, same_text, z)
+    assert (out[0] - out[1]).abs().max() > 1e-4
+    assert (out - base).abs().max() > 1e-4
+    # the step moved each taste's prediction toward its own target
+    assert (after[0] - before[0]).mean() > 0 > (after[1] - before[1]).mean()
+    # the base reference (conditioner=None) ignores the trained taste module exactly
+    torch.testing.assert_close(reference, base, atol=0, rtol=0)
+
+
+def test_null_taste_is_used_for_missing_and_dropped_tastes():
+    unet = tiny_unet()
+    conditioner = conditioner_for(unet, "tokens")
+    with torch.no_grad():
+        conditioner.null.copy_(torch.arange(TASTE_DIM, dtype=torch.float32))
+    z = torch.randn(5, TASTE_DIM)
+    assert torch.equal(conditioner.drop_taste(z, p=1.0), conditioner.null_taste(5))
+    assert torch.equal(conditioner.drop_taste(z, p=0.0), z)
+    dropped = conditioner.drop_taste(
+        z.repeat(200, 1), p=0.25, generator=torch.Generator().manual_seed(0)
+    )
+    fraction = (dropped == conditioner.null).all(dim=1).float().mean().item()
+    assert 0.18 < fraction < 0.32
+    # the null taste is a parameter the trainer can learn
+    assert any(p is conditioner.null for p in conditioner.parameters())
+
+
+def test_save_load_round_trip_reproduces_a_trained_conditioner(tmp_path):
+    unet = tiny_unet()
+    latents, t, text, z = inputs(2)
+    conditioner = conditioner_for(unet, "timestep")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in conditioner.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # stands in for training
+        expected = unet_forward(unet, conditioner, latents, t, text, None)
+
+    save_taste_conditioner(conditioner, tmp_path / "taste")
+    assert sorted(p.name for p in (tmp_path / "taste").iterdir()) == [
+        "config.json",
+        "taste_conditioner.safetensors",
+    ]
+    loaded = load_taste_conditioner(tmp_path / "taste")
+    assert loaded.config == conditioner.config
+    with torch.no_grad():
+        torch.testing.assert_close(unet_forward(unet, loaded, latents, t, text, None), expected)
+
+
+def test_weights_that_do_not_fit_the_config_are_a_user_error(tmp_path):
+    unet = tiny_unet()
+    save_taste_conditioner(conditioner_for(unet, "tokens"), tmp_path / "taste")
+    (tmp_path / "taste" / "config.json").write_text(
+        '{"mode": "tokens", "taste_dim": 6, "n_tokens": 3, "hidden": 99, "out_dim": 32, "taste_dropout": 0.1}'
+    )
+    with pytest.raises(UserError, match="do not belong together"):
+        load_taste_conditioner(tmp_path / "taste")
+
+
+def test_conditioner_for_another_base_model_is_refused():
+    conditioner = conditioner_for(tiny_unet(), "tokens")
+    with pytest.raises(UserError, match="cross_attention_dim is 16"):
+        conditioner.attach(tiny_unet(cross_attention_dim=16))
+
+
+def test_detach_restores_plain_cross_attention_and_forward_notices_missing_attach():
+    unet = tiny_unet()
+    latents, t, text, z = inputs(3)
+    conditioner = conditioner_for(unet, "tokens")
+    detach_taste(unet)
+    with pytest.raises(RuntimeError, match="attach"):
+        unet_forward(unet, conditioner, latents, t, text, z)
+    with torch.no_grad():
+        plain = unet_forward(unet, None, latents, t, text, None)
+        torch.testing.assert_close(plain, unet(latents, t, encoder_hidden_states=text).sample)
