@@ -1,0 +1,55 @@
+"""Advantages for DDPO: rewards normalised per (prompt, taste) key, with a global fallback.
+
+As in DDPO's per-prompt stat tracker: each key keeps a short history of its rewards, and a
+sample's advantage is (reward - key mean) / key std. Keys seen too rarely (fewer than
+`min_count` rewards) use the statistics of the whole batch instead, so a rare key never divides
+by the std of one sample. Keying on the taste as well as the prompt matters here: tastes are
+rewarded by different heads on different scales, and a key per (prompt, taste) compares an image
+only with others asked for the same thing.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+
+import numpy as np
+
+
+class PerKeyStatTracker:
+    def __init__(self, buffer_size: int = 64, min_count: int = 8, eps: float = 1e-6):
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.eps = eps
+        self.history: dict[int, deque] = defaultdict(lambda: deque(maxlen=buffer_size))
+
+    def update(self, keys: np.ndarray, rewards: np.ndarray) -> np.ndarray:
+        """Advantages [N] for rewards [N] of samples with integer keys [N]; updates the history.
+
+        Pass the keys and rewards of *all* processes (gathered), so every rank normalises with
+        the same statistics.
+        """
+        keys = np.asarray(keys)
+        rewards = np.asarray(rewards, dtype=np.float64)
+        assert keys.shape == rewards.shape and rewards.ndim == 1, (keys.shape, rewards.shape)
+        if not np.isfinite(rewards).all():
+            raise FloatingPointError("non-finite reward passed to the stat tracker")
+        global_mean, global_std = rewards.mean(), rewards.std() + self.eps
+        advantages = np.empty_like(rewards)
+        for key in np.unique(keys):
+            mask = keys == key
+            self.history[int(key)].extend(rewards[mask].tolist())
+            seen = np.asarray(self.history[int(key)])
+            if len(seen) < self.min_count:
+                mean, std = global_mean, global_std
+            else:
+                mean, std = seen.mean(), seen.std() + self.eps
+            advantages[mask] = (rewards[mask] - mean) / std
+        return advantages
+
+    def state_dict(self) -> dict:
+        return {str(k): list(v) for k, v in self.history.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history.clear()
+        for k, v in state.items():
+            self.history[int(k)].extend(v)
