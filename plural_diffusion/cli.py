@@ -55,13 +55,24 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from plural_diffusion.ddpo import train
+    from plural_diffusion.train_config import TrainConfig
+
+    cfg = load_config(TrainConfig, args.config or _default_config("toy.yaml"), args.overrides)
+    out = train(cfg, resume=args.resume)
+    print(f"trained {cfg.objective} policy ({cfg.method}); checkpoints in {out / 'checkpoints'}")
+    return 0
+
+
 def cmd_show_config(args) -> int:
     import yaml
 
     from plural_diffusion.demo import DemoConfig
     from plural_diffusion.toyworld.prepare import ToyPrepareConfig
+    from plural_diffusion.train_config import TrainConfig
 
-    kinds = {"toy-prepare": ToyPrepareConfig, "demo": DemoConfig}
+    kinds = {"toy-prepare": ToyPrepareConfig, "demo": DemoConfig, "train": TrainConfig}
     cfg = load_config(kinds[args.kind], args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
@@ -79,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(demo, "configs/demo.yaml")
     demo.set_defaults(func=cmd_demo)
 
+    train = sub.add_parser("train", help="RL fine-tune a taste-conditioned LoRA policy")
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
+    _add_config_args(train, "configs/toy.yaml")
+    train.set_defaults(func=cmd_train)
+
     toy = sub.add_parser("toy", help="the built-in toy taste world").add_subparsers(
         dest="toy_command", required=True
     )
@@ -94,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     world.set_defaults(func=cmd_toy_world)
 
     show = sub.add_parser("config", help="print a config with defaults and overrides applied")
-    show.add_argument("kind", choices=["toy-prepare", "demo"])
+    show.add_argument("kind", choices=["toy-prepare", "demo", "train"])
     _add_config_args(show, None)
     show.set_defaults(func=cmd_show_config)
     return parser

@@ -18,3 +18,27 @@ def _one_thread_and_private_cache(tmp_path_factory):
     yield
     mp.undo()
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def fast_demo_config():
+    """The `demo --fast` config: tiny toy stages that every end-to-end test shares (cached)."""
+    from plural_diffusion.demo import CONFIGS, DemoConfig
+    from reward_models.config import load_config
+
+    return load_config(DemoConfig, CONFIGS / "demo-fast.yaml")
+
+
+@pytest.fixture(scope="session")
+def toy_assets(fast_demo_config, _one_thread_and_private_cache):
+    from plural_diffusion.toyworld.prepare import prepare_toy
+
+    return prepare_toy(fast_demo_config.prepare, progress=False)
+
+
+@pytest.fixture(scope="session")
+def reward_run(fast_demo_config, toy_assets):
+    from plural_diffusion.cache import cache_root
+    from plural_diffusion.demo import stage_rewards
+
+    return stage_rewards(fast_demo_config, toy_assets, cache_root())

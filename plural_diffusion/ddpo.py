@@ -1,0 +1,378 @@
+"""The trainer: a taste-conditioned LoRA policy, rewarded by the head for the taste it was asked.
+
+One loop, four phases per epoch (as DDPO's reference script):
+
+    1. sampling      draw prompts and tastes, run the DDIM policy, keep trajectories
+    2. rewards       score each image with the head for *its* taste (see `TasteRewards.reward`)
+    3. advantages    normalise rewards per (prompt, taste) key
+    4. training      PPO-clipped importance-ratio updates over the stored denoising steps
+
+`method="draft"` replaces phases 1-4 by reward backpropagation through the last K denoising
+steps (DRaFT-K / AlignProp): our heads are differentiable, so it needs far fewer samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from plural_diffusion.advantages import PerKeyStatTracker
+from plural_diffusion.backbone import (
+    add_lora,
+    disable_adapters,
+    load_checkpoint,
+    load_pipeline,
+    save_checkpoint,
+    trainable_parameters,
+)
+from plural_diffusion.conditioning import TasteConditioner
+from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
+from plural_diffusion.rewards import TasteRewards
+from plural_diffusion.sampling import guided_noise, sample
+from plural_diffusion.train_config import TrainConfig
+from reward_models.config import to_dict
+from reward_models.errors import UserError
+from reward_models.io import atomic_dir, write_json
+
+STATE_NAME = "trainer_state.pt"
+POLICY_DIR = "policy"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, gold_fn=None):
+        """gold_fn: optional images [B, 3, H, W] -> gold utility per cluster [B, K] (toy world),
+        used for logging only; training never sees it."""
+        from accelerate import Accelerator
+
+        if not cfg.base:
+            raise UserError("no base model: set base=PATH_OR_HUB_ID")
+        if not cfg.rewards:
+            raise UserError("no reward heads: set rewards=RUN_DIR (from `reward-models train`)")
+        if not cfg.prompts:
+            raise UserError("no prompts: set prompts=[...]")
+        self.cfg = cfg
+        self.gold_fn = gold_fn
+        cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+        self.device = self.accelerator.device
+        self.out_dir = Path(cfg.out_dir)
+
+        # ---- models: frozen base + LoRA (+ taste conditioner for the matched objective)
+        weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+        self.pipe = load_pipeline(cfg.base, dtype=weight_dtype[cfg.mixed_precision], device=self.device)
+        self.unet = self.pipe.unet
+        for module in (self.pipe.vae, self.pipe.text_encoder, self.unet):
+            module.requires_grad_(False)
+        add_lora(self.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.rewards = TasteRewards(cfg.rewards, device=self.device)
+        self.conditioner = None
+        if cfg.objective == "matched":
+            conditioning = dataclasses.replace(cfg.conditioning, taste_dim=self.rewards.taste_dim)
+            self.conditioner = TasteConditioner.for_unet(conditioning, self.unet).to(self.device)
+            self.conditioner.attach(self.unet)
+        self.tastes, self.taste_names, self.taste_weights = self._taste_table()
+        self.params = trainable_parameters(self.unet, self.conditioner)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.tracker = PerKeyStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count)
+        self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
+        self.epoch = 0
+        self.history: list[dict] = []
+        with torch.no_grad():
+            self.prompt_embeds, self.negative_embeds = self.pipe.encode_prompt(
+                cfg.prompts, self.device, 1, True, [cfg.negative_prompt] * len(cfg.prompts)
+            )
+
+    # ------------------------------------------------------------------ tastes and batches
+    def _taste_table(self):
+        """The tastes a policy is asked for: [N, d] vectors, names, sampling weights [N]."""
+        if self.cfg.objective != "matched":
+            return None, ["none"], torch.ones(1)
+        if self.cfg.taste.source == "raters":
+            n = len(self.rewards.rater_ids)
+            return self.rewards.rater_tastes, self.rewards.rater_ids, torch.ones(n)
+        shares = self.rewards.cluster_shares
+        weights = shares if self.cfg.taste.weighting == "share" else torch.ones_like(shares)
+        return self.rewards.cluster_tastes, self.rewards.cluster_names, weights
+
+    def draw_batch(self, batch: int):
+        """Prompt indices [B], taste indices [B], taste vectors [B, d] | None, initial noise."""
+        g = self.generator
+        n_tastes = len(self.taste_names)
+        unet_cfg = self.unet.config
+        shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
+        grouped = self.cfg.taste.grouped and self.tastes is not None and self.cfg.taste.source == "clusters"
+        if grouped:
+            if batch % n_tastes:
+                raise UserError(
+                    f"batch size {batch} is not a multiple of the {n_tastes} clusters; "
+                    "change the batch size or set taste.grouped=false"
+                )
+            groups = batch // n_tastes
+            prompt = torch.randint(len(self.cfg.prompts), (groups,), generator=g)
+            prompt = prompt.repeat_interleave(n_tastes)
+            taste = torch.arange(n_tastes).repeat(groups)
+            noise = torch.randn((groups, *shape), generator=g).repeat_interleave(n_tastes, dim=0)
+        else:
+            prompt = torch.randint(len(self.cfg.prompts), (batch,), generator=g)
+            taste = torch.multinomial(self.taste_weights, batch, replacement=True, generator=g)
+            noise = torch.randn((batch, *shape), generator=g)
+        z = None if self.tastes is None else self.tastes[taste.to(self.tastes.device)]
+        return prompt, taste, z, noise.to(self.device)
+
+    def _embeds(self, prompt: torch.Tensor):
+        idx = prompt.to(self.device)
+        return self.prompt_embeds[idx], self.negative_embeds[idx]
+
+    def _reward(self, images, z):
+        """The reward of each image for the taste it was generated for, [B]."""
+        reward = self.rewards.reward(images, z, self.cfg.objective)
+        if self.cfg.ensemble_penalty > 0:
+            spread = self.rewards.cluster_scores(self.rewards.features(images)).std(dim=1)
+            reward = reward - self.cfg.ensemble_penalty * spread
+        return reward
+
+    # ------------------------------------------------------------------ one epoch
+    def train_epoch(self) -> dict:
+        if self.cfg.method == "draft":
+            return self._draft_epoch()
+        cfg, ddpo = self.cfg, self.cfg.ddpo
+        scheduler = self.pipe.scheduler
+
+        # ---- 1. sampling
+        self.unet.eval()
+        batches = []
+        for _ in range(ddpo.sample_batches):
+            prompt, taste, z, noise = self.draw_batch(ddpo.sample_batch_size)
+            embeds, negative = self._embeds(prompt)
+            with torch.no_grad(), self.accelerator.autocast():
+                traj = sample(
+                    self.unet, self.conditioner, self.pipe.vae, scheduler, embeds, negative, z,
+                    cfg.sampling, generator=self.generator, init_latents=noise,
+                )  # fmt: skip
+                # ---- 2. rewards: each image scored by the head for the taste it was asked for
+                reward = self._reward(traj.images, z)
+            self._check_finite(reward, "reward")
+            batches.append((prompt, taste, traj, reward))
+
+        # ---- 3. advantages, per (prompt, taste), with statistics gathered over all processes
+        prompt = torch.cat([b[0] for b in batches])
+        taste = torch.cat([b[1] for b in batches])
+        reward = torch.cat([b[3] for b in batches]).float()
+        keys = (prompt * len(self.taste_names) + taste).to(self.device)
+        all_keys = self.accelerator.gather(keys).cpu().numpy()
+        all_rewards = self.accelerator.gather(reward).cpu().numpy()
+        adv_all = self.tracker.update(all_keys, all_rewards)
+        n = len(reward)
+        rank = self.accelerator.process_index
+        advantages = torch.tensor(adv_all[rank * n : (rank + 1) * n], dtype=torch.float32)
+        advantages = advantages.clamp(-ddpo.adv_clip_max, ddpo.adv_clip_max).to(self.device)
+
+        latents = torch.cat([b[2].latents for b in batches])  # [N, T + 1, C, h, w]
+        old_log_probs = torch.cat([b[2].log_probs for b in batches])  # [N, T]
+        embeds = torch.cat([b[2].prompt_embeds for b in batches])
+        negative = torch.cat([b[2].negative_embeds for b in batches])
+        z_all = None if self.tastes is None else torch.cat([b[2].taste for b in batches])
+        timesteps = batches[0][2].timesteps
+        trainable = trainable_step_mask(scheduler, timesteps, cfg.sampling.eta).nonzero().flatten()
+        n_train_steps = max(1, int(math.ceil(ddpo.timestep_fraction * len(trainable))))
+
+        # ---- 4. training: PPO-clipped ratio of new to old log-probs, accumulated over steps
+        self.unet.train()
+        stats = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_to_base": []}
+        for _ in range(ddpo.inner_epochs):
+            order = torch.randperm(n, generator=self.generator)
+            for start in range(0, n, ddpo.train_batch_size):
+                rows = order[start : start + ddpo.train_batch_size].to(self.device)
+                steps = trainable[torch.randperm(len(trainable), generator=self.generator)[:n_train_steps]]
+                self.optimizer.zero_grad(set_to_none=True)
+                for j in steps.tolist():
+                    z = None if z_all is None else z_all[rows]
+                    with self.accelerator.autocast():
+                        noise_pred = guided_noise(
+                            self.unet, self.conditioner, latents[rows, j], timesteps[j],
+                            embeds[rows], negative[rows], z, cfg.sampling.guidance_scale,
+                        )  # fmt: skip
+                    _, log_prob = ddim_step_with_logprob(
+                        scheduler, noise_pred, timesteps[j], latents[rows, j],
+                        eta=cfg.sampling.eta, prev_sample=latents[rows, j + 1],
+                    )  # fmt: skip
+                    ratio = torch.exp(log_prob - old_log_probs[rows, j])
+                    adv = advantages[rows]
+                    clipped = torch.clamp(ratio, 1 - ddpo.clip_range, 1 + ddpo.clip_range)
+                    loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
+                    if ddpo.kl_weight > 0:
+                        kl = self._kl_to_base(noise_pred, latents[rows, j], timesteps[j], embeds[rows], negative[rows])
+                        loss = loss + ddpo.kl_weight * kl
+                        stats["kl_to_base"].append(kl.item())
+                    self.accelerator.backward(loss / len(steps))
+                    stats["loss"].append(loss.item())
+                    stats["approx_kl"].append(0.5 * ((log_prob - old_log_probs[rows, j]) ** 2).mean().item())
+                    stats["clipfrac"].append(((ratio - 1).abs() > ddpo.clip_range).float().mean().item())
+                self._optimizer_step()
+        return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
+
+    def _kl_to_base(self, noise_pred, x_t, t, embeds, negative) -> torch.Tensor:
+        """KL between the policy's and the base model's Gaussian step at x_t (adapter disabled)."""
+        eta = self.cfg.sampling.eta
+        scheduler = self.pipe.scheduler
+        with torch.no_grad(), disable_adapters(self.unet), self.accelerator.autocast():
+            base_pred = guided_noise(
+                self.unet, None, x_t, t, embeds, negative, None, self.cfg.sampling.guidance_scale
+            )
+        mean, std = ddim_posterior(scheduler, noise_pred, t, x_t, eta)
+        base_mean, _ = ddim_posterior(scheduler, base_pred, t, x_t, eta)
+        return (((mean - base_mean) ** 2) / (2 * std**2)).mean()
+
+    def _draft_epoch(self) -> dict:
+        """Reward backpropagation through the last K denoising steps and the decoder."""
+        cfg, draft = self.cfg, self.cfg.draft
+        self.unet.train()
+        rewards, tastes, images, losses = [], [], [], []
+        for _ in range(draft.steps_per_epoch):
+            prompt, taste, z, noise = self.draw_batch(draft.batch_size)
+            embeds, negative = self._embeds(prompt)
+            with self.accelerator.autocast():
+                traj = sample(
+                    self.unet, self.conditioner, self.pipe.vae, self.pipe.scheduler, embeds,
+                    negative, z, cfg.sampling, generator=self.generator, init_latents=noise,
+                    grad_last_steps=draft.last_k_steps,
+                )  # fmt: skip
+                # the reward for taste z, differentiable all the way back to the LoRA
+                reward = self._reward(traj.images, z)
+            self._check_finite(reward, "reward")
+            loss = -reward.mean()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.accelerator.backward(loss)
+            self._optimizer_step()
+            rewards.append(reward.detach())
+            tastes.append(taste)
+            images.append(traj.images.detach())
+            losses.append(loss.item())
+        stats = {"loss": losses}
+        return self._epoch_log(torch.cat(rewards), torch.cat(tastes), torch.cat(images), stats)
+
+    def _optimizer_step(self):
+        if self.accelerator.num_processes > 1:
+            # LoRA and taste parameters live outside any DDP wrapper: average their gradients
+            # explicitly so every process takes the same step.
+            for p in self.params:
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
+        grads = [p.grad for p in self.params if p.grad is not None]
+        for g in grads:
+            self._check_finite(g, "gradient")
+        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+
+    def _check_finite(self, x: torch.Tensor, what: str):
+        if not torch.isfinite(x).all():
+            raise UserError(
+                f"non-finite {what} at epoch {self.epoch}; lower lr or check the reward heads "
+                "(earlier checkpoints are intact)"
+            )
+
+    def _epoch_log(self, reward, taste, images, stats) -> dict:
+        log = {"epoch": self.epoch, "reward_mean": reward.mean().item(), "reward_std": reward.std().item()}
+        for name, values in stats.items():
+            if values:
+                log[name] = float(np.mean(values))
+        per_taste = {}
+        gold = self.gold_fn(images.float().cpu()) if self.gold_fn is not None else None  # [B, K]
+        for i, name in enumerate(self.taste_names):
+            mask = (taste == i).cpu()
+            if mask.any():
+                entry = {"reward": reward.cpu()[mask].mean().item(), "n": int(mask.sum())}
+                if gold is not None and self.tastes is not None and self.cfg.taste.source == "clusters":
+                    entry["gold"] = gold[mask, i].mean().item()
+                per_taste[name] = entry
+        log["per_taste"] = per_taste
+        if gold is not None:
+            log["gold_per_cluster"] = gold.mean(dim=0).tolist()
+        return log
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, directory: Path) -> None:
+        """Policy (LoRA + taste module, loadable by diffusers) and training state, atomically."""
+        with atomic_dir(directory) as tmp:
+            save_checkpoint(
+                tmp / POLICY_DIR, self.unet, self.conditioner,
+                metadata={"epoch": self.epoch, "objective": self.cfg.objective,
+                          "tastes": self.taste_names, "config": to_dict(self.cfg)},
+            )  # fmt: skip
+            state = {
+                "epoch": self.epoch,
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "tracker": self.tracker.state_dict(),
+                "history": self.history,
+            }
+            torch.save(state, tmp / STATE_NAME)
+
+    def resume(self, directory: Path) -> None:
+        _, conditioner = load_checkpoint(directory / POLICY_DIR, self.unet)
+        if (conditioner is None) != (self.conditioner is None):
+            raise UserError(f"{directory}: checkpoint objective does not match objective={self.cfg.objective}")
+        if conditioner is not None:
+            self.conditioner.load_state_dict(conditioner.state_dict())
+        state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.tracker.load_state_dict(state["tracker"])
+        self.history = state["history"]
+        self.epoch = state["epoch"]
+
+    def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
+        cfg = self.cfg
+        ckpt_root = self.out_dir / "checkpoints"
+        torch.manual_seed(cfg.seed)
+        if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
+            self.resume(latest)
+            if self.accelerator.is_main_process:  # the log holds exactly the resumed history
+                lines = "".join(json.dumps(h) + "\n" for h in self.history)
+                (self.out_dir / "log.jsonl").write_text(lines)
+        bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=f"{cfg.objective} ({cfg.method})",
+                   disable=not progress or not self.accelerator.is_main_process)  # fmt: skip
+        while self.epoch < cfg.epochs:
+            t0 = time.perf_counter()
+            log = self.train_epoch()
+            log["seconds"] = round(time.perf_counter() - t0, 2)
+            self.history.append(log)
+            self.epoch += 1
+            if self.accelerator.is_main_process:
+                with open(self.out_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(log) + "\n")
+                if self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs:
+                    self.save(ckpt_root / f"epoch-{self.epoch:04d}")
+            bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
+            bar.update(1)
+        bar.close()
+        if self.accelerator.is_main_process:
+            write_json(self.out_dir / "history.json", {"history": self.history})
+        return self.history
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under `root` (incomplete ones never get their final name)."""
+    done = sorted(p for p in root.glob("epoch-*") if (p / STATE_NAME).is_file())
+    return done[-1] if done else None
+
+
+def train(cfg: TrainConfig, resume: bool = False, gold_fn=None, progress: bool = True) -> Path:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "config.json", to_dict(cfg))
+    if not resume and (out / "log.jsonl").exists():
+        (out / "log.jsonl").unlink()
+    Trainer(cfg, gold_fn=gold_fn).fit(resume=resume, progress=progress)
+    return out

@@ -1,0 +1,200 @@
+"""`plural-diffusion demo`: the main job on the built-in toy world, end to end.
+
+Stages (each cached by config hash, so a rerun reuses what is finished and an interrupted
+policy run resumes from its last checkpoint):
+  1. prepare the toy world and its tiny models (`toy prepare`);
+  2. train the reward heads (mean and rater-aware) and taste clusters, and evaluate them;
+  3. train the policies: `mean` (the baseline), `matched` (taste-conditioned, rewarded by the
+     head of the taste it was asked for) and `maxmin` (the worst-off cluster's reward);
+  4. generate for every policy on the same prompts and seeds, score with learned heads and gold
+     utilities, write metrics.json, image grids and a summary table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from plural_diffusion.cache import cache_root, cached_stage
+from plural_diffusion.ddpo import latest_checkpoint
+from plural_diffusion.ddpo import train as train_policy
+from plural_diffusion.evaluate import EvalConfig, diagonal_dominance, generate, policy_metrics
+from plural_diffusion.rewards import TasteRewards
+from plural_diffusion.toyworld.prepare import ToyPrepareConfig, prepare_toy
+from plural_diffusion.toyworld.raters import gold_cluster_utility
+from plural_diffusion.toyworld.ratings import load_world
+from plural_diffusion.train_config import TrainConfig
+from plural_diffusion.visualize import save_grid
+from reward_models.config import load_config, to_dict
+from reward_models.errors import UserError
+from reward_models.io import write_json
+from reward_models.workflow import RewardTrainConfig, evaluate
+from reward_models.workflow import train as train_rewards
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DemoConfig:
+    prepare: ToyPrepareConfig = field(default_factory=ToyPrepareConfig)
+    reward_config: str = "reward-toy.yaml"  # in configs/, or a path
+    reward_overrides: list[str] = field(default_factory=list)
+    train_config: str = "toy.yaml"  # in configs/, or a path
+    train_overrides: list[str] = field(default_factory=list)
+    policies: list[str] = field(default_factory=lambda: ["mean", "matched", "maxmin"])
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _config_path(name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() or path.exists() else CONFIGS / name
+
+
+def gold_in_head_order(world, cluster_names: list[str]):
+    """images -> gold utility [B, K] with columns in the order of the discovered clusters."""
+    gold_names = world.raters.cluster_names
+    missing = [n for n in cluster_names if n not in gold_names]
+    if missing:
+        raise UserError(
+            f"discovered clusters {cluster_names} do not match the gold clusters {gold_names} "
+            "one to one; set clusters.n_clusters to the number of gold clusters"
+        )
+    order = [gold_names.index(n) for n in cluster_names]
+    return lambda images: gold_cluster_utility(images, world.raters)[:, order]
+
+
+def stage_rewards(cfg: DemoConfig, assets, root: Path) -> Path:
+    rcfg = load_config(
+        RewardTrainConfig,
+        _config_path(cfg.reward_config),
+        [
+            f"data.path={assets.world}",
+            f"data.rater_info={assets.world / 'raters.csv'}",
+            f"clip.model=local-dir:{assets.clip}",
+            f"clip.cache_dir={root / 'features'}",
+            *cfg.reward_overrides,
+        ],
+    )
+
+    def build(tmp: Path) -> None:
+        train_rewards(dataclasses.replace(rcfg, out_dir=str(tmp / "run")))
+        write_json(tmp / "run" / "metrics.json", evaluate(tmp / "run"))
+
+    key = {**to_dict(rcfg), "out_dir": None}
+    return cached_stage("toy-rewards", key, build, root=root) / "run"
+
+
+def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gold_fn, root: Path):
+    tcfg = load_config(
+        TrainConfig,
+        _config_path(cfg.train_config),
+        [f"base={base}", f"rewards={rewards}", f"objective={objective}", *cfg.train_overrides],
+    )
+    key = {**to_dict(tcfg), "out_dir": None}
+
+    def build(tmp: Path) -> None:
+        # Train in a stable work directory, so a killed run resumes from its last checkpoint.
+        from plural_diffusion.cache import config_hash
+
+        work = root / "work" / f"toy-policy-{objective}-{config_hash(key)}"
+        train_policy(dataclasses.replace(tcfg, out_dir=str(work)), resume=True, gold_fn=gold_fn)
+        last = latest_checkpoint(work / "checkpoints")
+        assert last is not None, work
+        shutil.copytree(last / "policy", tmp / "policy")
+        for name in ("history.json", "log.jsonl", "config.json"):
+            shutil.copy2(work / name, tmp / name)
+        shutil.rmtree(work, ignore_errors=True)
+
+    return cached_stage(f"toy-policy-{objective}", key, build, root=root)
+
+
+def run_demo(cfg: DemoConfig, out_dir: Path, cache_dir: Path | None = None) -> dict:
+    t0 = time.perf_counter()
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    unknown = sorted(set(cfg.policies) - {"mean", "matched", "maxmin"})
+    if unknown:
+        raise UserError(f"unknown policies {unknown}; choose from mean, matched, maxmin")
+
+    print("[1/4] preparing the toy world and its tiny models (cached)")
+    assets = prepare_toy(cfg.prepare, root=root)
+    world = load_world(assets.world)
+
+    print("[2/4] training reward heads: mean and rater-aware, and taste clusters (cached)")
+    reward_run = stage_rewards(cfg, assets, root)
+    rewards = TasteRewards(str(reward_run))
+    gold_fn = gold_in_head_order(world, rewards.cluster_names)
+
+    print("[3/4] training policies: " + ", ".join(cfg.policies) + " (cached)")
+    checkpoints = {}
+    for objective in cfg.policies:
+        checkpoints[objective] = stage_policy(cfg, objective, assets.base, reward_run, gold_fn, root) / "policy"
+
+    print("[4/4] generating per taste and measuring against the mean baseline")
+    metrics = {
+        "clusters": {
+            "names": rewards.cluster_names,
+            "shares": [round(float(s), 4) for s in rewards.cluster_shares],
+        },
+        "policies": {},
+    }
+    images = {}
+    for name, ckpt in {"base": None, **checkpoints}.items():
+        images[name] = generate(str(assets.base), ckpt, rewards, cfg.eval)
+        metrics["policies"][name] = policy_metrics(images[name], rewards, gold_fn)
+    if "matched" in metrics["policies"]:
+        matrix = metrics["policies"]["matched"]["cross_taste_gold"]
+        metrics["cross_taste_gold"] = matrix
+        metrics["cross_taste_diagonal_dominance"] = diagonal_dominance(matrix)
+    metrics["reward_heads"] = _head_summary(reward_run)
+    metrics["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(out_dir / "metrics.json", metrics)
+    _write_grids(images, rewards.cluster_names, cfg.eval, out_dir)
+    print()
+    print(summary_table(metrics))
+    print(f"\nwrote {out_dir / 'metrics.json'} and image grids in {out_dir} ({metrics['seconds']} s)")
+    return metrics
+
+
+def _head_summary(reward_run: Path) -> dict:
+    from reward_models.io import read_json
+
+    m = read_json(reward_run / "metrics.json")
+    group = "known_group" if "known_group" in m["heads"]["mean"] else "discovered_cluster"
+    return {
+        head: {g: round(v["pairwise_accuracy"], 3) for g, v in m["heads"][head][group]["per_group"].items()}
+        for head in m["heads"]
+    }
+
+
+def _write_grids(images: dict, names: list[str], cfg: EvalConfig, out_dir: Path) -> None:
+    n = min(cfg.images_per_prompt, 8)
+    rows, labels = [], []
+    for policy, per_taste in images.items():
+        for taste, x in per_taste.items():
+            rows.append(x[:n])
+            labels.append(policy if taste == "none" else f"{policy} → {taste}")
+    save_grid(torch.stack(rows), out_dir / "policies_grid.png", row_labels=labels,
+              title=f"'{cfg.prompts[0]}': same seeds in every column")  # fmt: skip
+
+
+def summary_table(metrics: dict) -> str:
+    names = metrics["clusters"]["names"]
+    shares = metrics["clusters"]["shares"]
+    head = f"{'gold utility':<14}" + "".join(f"{n} ({s:.0%})".rjust(14) for n, s in zip(names, shares))
+    lines = [head + f"{'worst':>9}{'vendi':>8}"]
+    for policy, m in metrics["policies"].items():
+        gold = m.get("gold_per_cluster", {})
+        row = "".join(f"{gold.get(n, float('nan')):>14.3f}" for n in names)
+        lines.append(f"{policy:<14}{row}{m.get('worst_cluster_gold', float('nan')):>9.3f}{m['vendi']:>8.2f}")
+    if "cross_taste_gold" in metrics:
+        lines.append("\nmatched: gold utility, rows generated-for, columns scored-by")
+        for n, row in zip(names, metrics["cross_taste_gold"]):
+            lines.append(f"{n:<14}" + "".join(f"{v:>14.3f}" for v in row))
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Every hyper-parameter of a taste-conditioned RL run, in one place (loaded from YAML)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from plural_diffusion.conditioning import TasteConditioningConfig
+from plural_diffusion.sampling import SamplingConfig
+
+
+def default_prompts() -> list[str]:
+    # Prompts that leave brightness and colour open, so the taste decides them.
+    return [
+        "an image of one circle",
+        "an image of two squares",
+        "an image of three triangles",
+        "an image of one striped square",
+    ]
+
+
+@dataclass
+class LoraSettings:
+    rank: int = 4
+    alpha: float = 4.0
+    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+@dataclass
+class TasteSampling:
+    # which tastes the policy is asked to please: cluster centroids or individual raters
+    source: Literal["clusters", "raters"] = "clusters"
+    # "uniform" gives a small cluster as many samples as a large one; "share" follows the shares
+    weighting: Literal["uniform", "share"] = "uniform"
+    # one prompt and one initial noise shared by a group of samples that differ only in taste,
+    # so the advantage isolates the taste's effect (clusters only; group size = K)
+    grouped: bool = True
+
+
+@dataclass
+class DDPOSettings:
+    sample_batch_size: int = 12  # images per sampling batch
+    sample_batches: int = 2  # sampling batches per epoch
+    train_batch_size: int = 12
+    inner_epochs: int = 1
+    timestep_fraction: float = 1.0  # of the trainable denoising steps, per minibatch
+    clip_range: float = 1e-3  # PPO ratio clipping
+    adv_clip_max: float = 5.0
+    stat_buffer: int = 64  # rewards remembered per (prompt, taste) key
+    stat_min_count: int = 8  # below this many, a key uses the batch's statistics
+    kl_weight: float = 0.0  # KL-to-base penalty (base = same UNet, adapter disabled)
+
+
+@dataclass
+class DraftSettings:
+    batch_size: int = 12
+    steps_per_epoch: int = 2
+    last_k_steps: int = 1  # backpropagate the reward through the last K denoising steps
+
+
+@dataclass
+class TrainConfig:
+    base: str = ""  # diffusers SD pipeline: local directory or hub id
+    rewards: str = ""  # reward run directory written by `reward-models train`
+    objective: Literal["matched", "mean", "maxmin"] = "matched"
+    method: Literal["ddpo", "draft"] = "ddpo"
+    prompts: list[str] = field(default_factory=default_prompts)
+    negative_prompt: str = ""
+    epochs: int = 20
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    ensemble_penalty: float = 0.0  # reward - k * std over cluster heads (over-optimisation guard)
+    seed: int = 0
+    out_dir: str = "runs/policy"
+    save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    device: str = "auto"  # "auto": accelerate's choice
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    conditioning: TasteConditioningConfig = field(default_factory=TasteConditioningConfig)
+    taste: TasteSampling = field(default_factory=TasteSampling)
+    ddpo: DDPOSettings = field(default_factory=DDPOSettings)
+    draft: DraftSettings = field(default_factory=DraftSettings)

@@ -1,0 +1,73 @@
+"""Command lines: user mistakes are one line on stderr and exit status 2, never a traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from plural_diffusion.cli import main as pd_main
+from reward_models.cli import main as rm_main
+
+
+def run(main, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    return e.value.code, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["config", "demo", "eval.images_per_prompt=many"], "config key 'eval.images_per_prompt'"),
+        (["config", "train", "lora.rnak=4"], "unknown config key 'lora.rnak'"),
+        (["train", "base=/nonexistent/sd", "rewards=/nonexistent/run"], "/nonexistent"),
+        (["demo", "--config", "/no/such.yaml"], "config file /no/such.yaml not found"),
+    ],
+)
+def test_plural_diffusion_user_errors(argv, message, capsys):
+    code, out = run(pd_main, argv, capsys)
+    assert code == 2
+    assert message in out.err
+    assert out.err.count("\n") == 1 and "Traceback" not in out.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "data.path=/no/ratings.csv", "clip.model=toy"], "/no/ratings.csv: no such file"),
+        (["eval", "--run", "/no/run"], "is not a reward-models run"),
+        (["train", "split.test_images=lots"], "config key 'split.test_images': expected a number"),
+    ],
+)
+def test_reward_models_user_errors(argv, message, capsys):
+    code, out = run(rm_main, argv, capsys)
+    assert code == 2
+    assert message in out.err
+    assert out.err.count("\n") == 1
+
+
+def test_config_command_prints_the_resolved_config(capsys):
+    code, out = run(pd_main, ["config", "train", "epochs=7", "lora.rank=2"], capsys)
+    assert code == 0
+    assert "epochs: 7" in out.out and "rank: 2" in out.out
+
+
+def test_console_scripts_are_installed():
+    for script in ("plural-diffusion", "reward-models"):
+        done = subprocess.run(
+            [sys.executable, "-m", script.replace("-", "_") + ".cli", "--help"],
+            capture_output=True,
+            text=True,
+        )
+        assert done.returncode == 0 and "usage:" in done.stdout
+
+
+def test_toy_world_command_writes_tables(tmp_path, capsys):
+    code, out = run(
+        pd_main,
+        ["toy", "world", "--out", str(tmp_path / "w"), "n_images=30", "n_raters=6",
+         "scores_per_rater=5", "pairs_per_rater=5"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and "wrote 30 images rated by 6 raters" in out.out
+    assert (tmp_path / "w" / "scores.csv").is_file()

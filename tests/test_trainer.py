@@ -1,0 +1,116 @@
+"""The RL trainer on the tiny toy base: both methods run, learn, checkpoint, resume, and fail
+cleanly on bad input."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plural_diffusion.backbone import load_pipeline
+from plural_diffusion.ddpo import Trainer, latest_checkpoint, train
+from plural_diffusion.demo import CONFIGS
+from plural_diffusion.train_config import TrainConfig
+from reward_models.config import load_config
+from reward_models.errors import UserError
+
+
+def toy_config(toy_assets, reward_run, tmp_path, *overrides):
+    return load_config(
+        TrainConfig,
+        CONFIGS / "toy.yaml",
+        [
+            f"base={toy_assets.base}",
+            f"rewards={reward_run}",
+            f"out_dir={tmp_path / 'run'}",
+            "sampling.steps=6",
+            "draft.batch_size=6",
+            "draft.steps_per_epoch=1",
+            "ddpo.sample_batch_size=6",
+            "ddpo.sample_batches=1",
+            "ddpo.train_batch_size=6",
+            "save_every=1",
+            *overrides,
+        ],
+    )
+
+
+def lora_weights(run_dir):
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    return load_file(str(ckpt / "policy" / "pytorch_lora_weights.safetensors"))
+
+
+def test_draft_matched_raises_each_tastes_reward_and_saves_a_diffusers_lora(
+    toy_assets, reward_run, tmp_path
+):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=4", "lr=0.01")
+    train(cfg, progress=False)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in log] == [0, 1, 2, 3]
+    assert set(log[0]["per_taste"]) == {"noir", "sunny", "vivid"}
+    assert log[-1]["reward_mean"] > log[0]["reward_mean"]
+    # the checkpoint is a plain diffusers LoRA: it loads with diffusers' own loader
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    pipe = load_pipeline(toy_assets.base)
+    pipe.load_lora_weights(ckpt / "policy", weight_name="pytorch_lora_weights.safetensors")
+    assert any("lora" in name for name, _ in pipe.unet.named_parameters())
+    assert (ckpt / "policy" / "taste_conditioner").is_dir()
+
+
+def test_ddpo_epoch_updates_lora_with_finite_statistics(toy_assets, reward_run, tmp_path):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "method=ddpo", "epochs=1", "lr=0.01")
+    trainer = Trainer(cfg)
+    before = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+    log = trainer.train_epoch()
+    for key in ("loss", "approx_kl", "clipfrac", "reward_mean"):
+        assert torch.isfinite(torch.tensor(log[key])), key
+    after = dict(trainer.unet.named_parameters())
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def test_resumed_run_matches_an_uninterrupted_one(toy_assets, reward_run, tmp_path):
+    straight = toy_config(toy_assets, reward_run, tmp_path / "a", "epochs=2", "objective=mean")
+    train(straight, progress=False)
+    first = toy_config(toy_assets, reward_run, tmp_path / "b", "epochs=1", "objective=mean")
+    train(first, progress=False)
+    resumed = toy_config(toy_assets, reward_run, tmp_path / "b", "epochs=2", "objective=mean")
+    train(resumed, resume=True, progress=False)
+    a, b = lora_weights(tmp_path / "a" / "run"), lora_weights(tmp_path / "b" / "run")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = (tmp_path / "b" / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
+
+
+def test_nan_reward_stops_with_the_epoch_named_and_keeps_checkpoints(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=3", "objective=mean")
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "epochs=1", "objective=mean"))
+    trainer.fit(progress=False)
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    weights = saved / "policy" / "pytorch_lora_weights.safetensors"
+    before = weights.read_bytes()
+    trainer = Trainer(cfg)
+    monkeypatch.setattr(trainer.rewards, "reward", lambda *a, **k: torch.full((6,), float("nan")))
+    with pytest.raises(UserError, match="non-finite reward at epoch 1"):
+        trainer.fit(resume=True, progress=False)
+    assert weights.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("base=/no/such/base", "base model directory not found"),
+        ("taste.source=clusters", None),
+    ],
+)
+def test_bad_input_is_a_one_line_error(toy_assets, reward_run, tmp_path, override, message):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, override, "draft.batch_size=5")
+    if message is None:  # 5 images cannot be grouped over 3 clusters
+        trainer = Trainer(cfg)
+        with pytest.raises(UserError, match="not a multiple of the 3 clusters"):
+            trainer.train_epoch()
+    else:
+        with pytest.raises(UserError, match=message):
+            Trainer(cfg)
