@@ -59,10 +59,17 @@ class Trainer:
             raise UserError("no prompts: set prompts=[...]")
         self.cfg = cfg
         self.gold_fn = gold_fn
+        torch.manual_seed(cfg.seed)  # LoRA and taste-module initialisation
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
-        self.accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.mixed_precision,
+            cpu=cpu,
+            log_with="tensorboard" if cfg.tensorboard else None,
+            project_dir=cfg.out_dir,
+        )
         self.device = self.accelerator.device
         self.out_dir = Path(cfg.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
         # ---- models: frozen base + LoRA (+ taste conditioner for the matched objective)
         weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -335,12 +342,13 @@ class Trainer:
     def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
         cfg = self.cfg
         ckpt_root = self.out_dir / "checkpoints"
-        torch.manual_seed(cfg.seed)
         if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
             self.resume(latest)
             if self.accelerator.is_main_process:  # the log holds exactly the resumed history
                 lines = "".join(json.dumps(h) + "\n" for h in self.history)
                 (self.out_dir / "log.jsonl").write_text(lines)
+        if cfg.tensorboard:
+            self.accelerator.init_trackers("tensorboard")
         bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=f"{cfg.objective} ({cfg.method})",
                    disable=not progress or not self.accelerator.is_main_process)  # fmt: skip
         while self.epoch < cfg.epochs:
@@ -348,6 +356,8 @@ class Trainer:
             log = self.train_epoch()
             log["seconds"] = round(time.perf_counter() - t0, 2)
             self.history.append(log)
+            if cfg.tensorboard:
+                self.accelerator.log(_flat_scalars(log), step=self.epoch)
             self.epoch += 1
             if self.accelerator.is_main_process:
                 with open(self.out_dir / "log.jsonl", "a") as f:
@@ -357,9 +367,23 @@ class Trainer:
             bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             bar.update(1)
         bar.close()
+        if cfg.tensorboard:
+            self.accelerator.end_training()
         if self.accelerator.is_main_process:
             write_json(self.out_dir / "history.json", {"history": self.history})
         return self.history
+
+
+def _flat_scalars(log: dict, prefix: str = "") -> dict[str, float]:
+    """{'per_taste': {'noir': {'reward': 1.0}}} -> {'per_taste/noir/reward': 1.0}, for trackers."""
+    out = {}
+    for key, value in log.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flat_scalars(value, name + "/"))
+        elif isinstance(value, (int, float)) and key != "epoch":
+            out[name] = float(value)
+    return out
 
 
 def latest_checkpoint(root: Path) -> Path | None:

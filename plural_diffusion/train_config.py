@@ -76,6 +76,7 @@ class TrainConfig:
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = False
+    tensorboard: bool = True  # per-epoch scalars through accelerate's tracker (and log.jsonl)
     device: str = "auto"  # "auto": accelerate's choice
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
