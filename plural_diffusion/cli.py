@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from reward_models.config import load_config, to_dict
-from reward_models.errors import run_cli
+from reward_models.errors import run_cli, run_parser
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -116,17 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
-    return args.func(args)
-
-
 def main(argv=None) -> None:
-    sys.exit(run_cli(_main, argv))
+    sys.exit(run_cli(lambda a: run_parser(build_parser(), a), argv))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,18 @@ class UserError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def run_parser(parser, argv=None) -> int:
+    """Parse `argv`, set up logging (-v: INFO) and run the chosen subcommand's `func(args)`."""
+    import logging
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
 def run_cli(main, argv=None) -> int:
     """Run `main(argv)`; a UserError becomes one line on stderr and exit status 2."""
     import sys

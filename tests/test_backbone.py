@@ -20,16 +20,6 @@ from plural_diffusion.toyworld.tokenizer import build_clip_tokenizer
 from reward_models.errors import UserError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box two OpenMP threads
-    contending with other jobs run these tests ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_unet(cross_attention_dim: int = 32, swap_blocks: bool = False) -> UNet2DConditionModel:
     """Cross-attention in down block 0, the mid block and up block 1 (4 transformer blocks);
     `swap_blocks` moves it to down block 1 / up block 0: same widths, other layer names."""

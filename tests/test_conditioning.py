@@ -19,14 +19,6 @@ from reward_models.errors import UserError
 TASTE_DIM = 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box two OpenMP threads
-    contending with other jobs run these tests ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:

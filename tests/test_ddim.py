@@ -13,14 +13,6 @@ from reward_models.errors import UserError
 SHAPE = (3, 4, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors gain nothing from threads, and on a shared 2-core box two OpenMP threads
-    contending with other jobs run these tests ~20x slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def sd_scheduler(prediction_type: str = "epsilon", **overrides) -> DDIMScheduler:

@@ -36,7 +36,8 @@ def clip_bpe_vocab(bpe_path: str | os.PathLike | None = None) -> tuple[dict[str,
     path = Path(bpe_path) if bpe_path is not None else Path(default_bpe())
     if not path.is_file():
         raise UserError(f"{path}: CLIP BPE merge file not found; reinstall open_clip_torch")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")
     # line 0 is the file's "#version" header
     merges = [" ".join(line.split()) for line in lines[1 : NUM_MERGES + 1]]
     byte_symbols = list(bytes_to_unicode().values())
