@@ -73,14 +73,22 @@ class Trainer:
 
         # ---- models: frozen base + LoRA (+ taste conditioner for the matched objective)
         weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-        self.pipe = load_pipeline(cfg.base, dtype=weight_dtype[cfg.mixed_precision], device=self.device)
+        self.pipe = load_pipeline(
+            cfg.base, dtype=weight_dtype[cfg.mixed_precision], device=self.device
+        )
         self.unet = self.pipe.unet
         for module in (self.pipe.vae, self.pipe.text_encoder, self.unet):
             module.requires_grad_(False)
         add_lora(self.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        self.rewards = TasteRewards(cfg.rewards, device=self.device)
+        space = "latent" if cfg.taste.source == "latents" else "rater"
+        self.rewards = TasteRewards(cfg.rewards, device=self.device, space=space)
+        if cfg.ensemble_penalty > 0 and not self.rewards.members:
+            raise UserError(
+                f"ensemble_penalty={cfg.ensemble_penalty} needs a reward run with ensemble heads; "
+                f"retrain {cfg.rewards} with ensemble_size=N (e.g. 4)"
+            )
         self.conditioner = None
         if cfg.objective == "matched":
             conditioning = dataclasses.replace(cfg.conditioning, taste_dim=self.rewards.taste_dim)
@@ -106,9 +114,19 @@ class Trainer:
         if self.cfg.taste.source == "raters":
             n = len(self.rewards.rater_ids)
             return self.rewards.rater_tastes, self.rewards.rater_ids, torch.ones(n)
+        # clusters, and latents (drawn per cluster, see `_latent_tastes`)
         shares = self.rewards.cluster_shares
         weights = shares if self.cfg.taste.weighting == "share" else torch.ones_like(shares)
         return self.rewards.cluster_tastes, self.rewards.cluster_names, weights
+
+    def _latent_tastes(self, cluster: torch.Tensor) -> torch.Tensor:
+        """For each cluster index [B]: one of its raters at random, then a taste drawn from
+        that rater's posterior, [B, d]."""
+        g, r = self.generator, self.rewards
+        rater = torch.stack([m[torch.randint(len(m), (1,), generator=g)][0]
+                             for m in (r.cluster_members[int(k)] for k in cluster)])  # fmt: skip
+        mean, var = r.rater_tastes[rater], r.rater_taste_var[rater]
+        return mean + var.sqrt() * torch.randn(mean.shape, generator=g).to(mean.device)
 
     def draw_batch(self, batch: int):
         """Prompt indices [B], taste indices [B], taste vectors [B, d] | None, initial noise."""
@@ -116,7 +134,8 @@ class Trainer:
         n_tastes = len(self.taste_names)
         unet_cfg = self.unet.config
         shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
-        grouped = self.cfg.taste.grouped and self.tastes is not None and self.cfg.taste.source == "clusters"
+        per_cluster = self.cfg.taste.source in ("clusters", "latents")
+        grouped = self.cfg.taste.grouped and self.tastes is not None and per_cluster
         if grouped:
             if batch % n_tastes:
                 raise UserError(
@@ -132,20 +151,25 @@ class Trainer:
             prompt = torch.randint(len(self.cfg.prompts), (batch,), generator=g)
             taste = torch.multinomial(self.taste_weights, batch, replacement=True, generator=g)
             noise = torch.randn((batch, *shape), generator=g)
-        z = None if self.tastes is None else self.tastes[taste.to(self.tastes.device)]
+        if self.tastes is None:
+            z = None
+        elif self.cfg.taste.source == "latents":
+            z = self._latent_tastes(taste)
+        else:
+            z = self.tastes[taste.to(self.tastes.device)]
         return prompt, taste, z, noise.to(self.device)
 
     def _embeds(self, prompt: torch.Tensor):
         idx = prompt.to(self.device)
         return self.prompt_embeds[idx], self.negative_embeds[idx]
 
-    def _reward(self, images, z):
-        """The reward of each image for the taste it was generated for, [B]."""
-        reward = self.rewards.reward(images, z, self.cfg.objective)
-        if self.cfg.ensemble_penalty > 0:
-            spread = self.rewards.cluster_scores(self.rewards.features(images)).std(dim=1)
-            reward = reward - self.cfg.ensemble_penalty * spread
-        return reward
+    def _reward(self, images, z, taste):
+        """The reward of each image for the taste it was generated for, [B] (taste: indices
+        into the taste table, for the ensemble penalty)."""
+        return self.rewards.reward(
+            images, z, self.cfg.objective, penalty=self.cfg.ensemble_penalty,
+            taste_index=taste, source=self.cfg.taste.source,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict:
@@ -166,7 +190,7 @@ class Trainer:
                     cfg.sampling, generator=self.generator, init_latents=noise,
                 )  # fmt: skip
                 # ---- 2. rewards: each image scored by the head for the taste it was asked for
-                reward = self._reward(traj.images, z)
+                reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")
             batches.append((prompt, taste, traj, reward))
 
@@ -199,7 +223,9 @@ class Trainer:
             order = torch.randperm(n, generator=self.generator)
             for start in range(0, n, ddpo.train_batch_size):
                 rows = order[start : start + ddpo.train_batch_size].to(self.device)
-                steps = trainable[torch.randperm(len(trainable), generator=self.generator)[:n_train_steps]]
+                steps = trainable[
+                    torch.randperm(len(trainable), generator=self.generator)[:n_train_steps]
+                ]
                 self.optimizer.zero_grad(set_to_none=True)
                 for j in steps.tolist():
                     z = None if z_all is None else z_all[rows]
@@ -217,13 +243,19 @@ class Trainer:
                     clipped = torch.clamp(ratio, 1 - ddpo.clip_range, 1 + ddpo.clip_range)
                     loss = torch.maximum(-adv * ratio, -adv * clipped).mean()
                     if ddpo.kl_weight > 0:
-                        kl = self._kl_to_base(noise_pred, latents[rows, j], timesteps[j], embeds[rows], negative[rows])
+                        kl = self._kl_to_base(
+                            noise_pred, latents[rows, j], timesteps[j], embeds[rows], negative[rows]
+                        )
                         loss = loss + ddpo.kl_weight * kl
                         stats["kl_to_base"].append(kl.item())
                     self.accelerator.backward(loss / len(steps))
                     stats["loss"].append(loss.item())
-                    stats["approx_kl"].append(0.5 * ((log_prob - old_log_probs[rows, j]) ** 2).mean().item())
-                    stats["clipfrac"].append(((ratio - 1).abs() > ddpo.clip_range).float().mean().item())
+                    stats["approx_kl"].append(
+                        0.5 * ((log_prob - old_log_probs[rows, j]) ** 2).mean().item()
+                    )
+                    stats["clipfrac"].append(
+                        ((ratio - 1).abs() > ddpo.clip_range).float().mean().item()
+                    )
                 self._optimizer_step()
         return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
 
@@ -254,7 +286,7 @@ class Trainer:
                     grad_last_steps=draft.last_k_steps,
                 )  # fmt: skip
                 # the reward for taste z, differentiable all the way back to the LoRA
-                reward = self._reward(traj.images, z)
+                reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")
             loss = -reward.mean()
             self.optimizer.zero_grad(set_to_none=True)
@@ -288,7 +320,11 @@ class Trainer:
             )
 
     def _epoch_log(self, reward, taste, images, stats) -> dict:
-        log = {"epoch": self.epoch, "reward_mean": reward.mean().item(), "reward_std": reward.std().item()}
+        log = {
+            "epoch": self.epoch,
+            "reward_mean": reward.mean().item(),
+            "reward_std": reward.std().item(),
+        }
         for name, values in stats.items():
             if values:
                 log[name] = float(np.mean(values))
@@ -298,7 +334,11 @@ class Trainer:
             mask = (taste == i).cpu()
             if mask.any():
                 entry = {"reward": reward.cpu()[mask].mean().item(), "n": int(mask.sum())}
-                if gold is not None and self.tastes is not None and self.cfg.taste.source == "clusters":
+                if (
+                    gold is not None
+                    and self.tastes is not None
+                    and self.cfg.taste.source != "raters"
+                ):
                     entry["gold"] = gold[mask, i].mean().item()
                 per_taste[name] = entry
         log["per_taste"] = per_taste
@@ -313,6 +353,7 @@ class Trainer:
             save_checkpoint(
                 tmp / POLICY_DIR, self.unet, self.conditioner,
                 metadata={"epoch": self.epoch, "objective": self.cfg.objective,
+                          "taste_space": self.rewards.space,
                           "tastes": self.taste_names, "config": to_dict(self.cfg)},
             )  # fmt: skip
             state = {
@@ -328,7 +369,9 @@ class Trainer:
     def resume(self, directory: Path) -> None:
         _, conditioner = load_checkpoint(directory / POLICY_DIR, self.unet)
         if (conditioner is None) != (self.conditioner is None):
-            raise UserError(f"{directory}: checkpoint objective does not match objective={self.cfg.objective}")
+            raise UserError(
+                f"{directory}: checkpoint objective does not match objective={self.cfg.objective}"
+            )
         if conditioner is not None:
             self.conditioner.load_state_dict(conditioner.state_dict())
         state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)

@@ -7,6 +7,11 @@ taste clusters, trained by `reward-models train`) and the CLIP model its feature
     mean     the mean head r(x): the baseline
     maxmin   the rater head at the centroid of the cluster whose batch-mean reward is lowest
              (the egalitarian objective: raise the worst-off group)
+
+With `penalty` k > 0 each reward becomes r - k * std, the std taken over an ensemble of rater
+heads (the run's own plus its `ensemble/` members, each fitted on a bootstrap of the ratings)
+scoring the same image for the same taste: where the heads disagree the reward is least
+trustworthy, and that is where a policy over-optimises first.
 """
 
 from __future__ import annotations
@@ -20,11 +25,24 @@ from reward_models.features import load_clip
 from reward_models.workflow import load_run
 
 Objective = Literal["matched", "mean", "maxmin"]
+TasteSource = Literal["clusters", "raters"]
+TasteSpace = Literal["rater", "latent"]
 
 
 class TasteRewards:
-    def __init__(self, run_dir: str, device: str | torch.device = "cpu"):
+    """Reward heads of one run, with tastes in one space:
+
+    space="rater"   tastes are the rater head's learned rater vectors (and cluster centroids);
+    space="latent"  tastes are the latent head's posteriors (encoder outputs), so a new user's
+                    few ratings give a taste the policy was trained on; clusters are the same
+                    raters' clusters, their taste the mean of the members' posterior means.
+    """
+
+    def __init__(
+        self, run_dir: str, device: str | torch.device = "cpu", space: TasteSpace = "rater"
+    ):
         self.run = load_run(run_dir)
+        self.space = space
         clip = self.run.cfg.clip
         self.encoder = load_clip(clip.model, clip.pretrained, device=str(device))
         self.encoder.model.requires_grad_(False)
@@ -36,11 +54,40 @@ class TasteRewards:
             )
         self.mean_head = self.run.mean.to(device).requires_grad_(False)
         self.rater_head = self.run.rater.to(device).requires_grad_(False)
-        self.cluster_tastes = self.run.clusters.centroids.float().to(device)  # [K, d]
         self.cluster_names = list(self.run.clusters.names)
         self.cluster_shares = self.run.clusters.shares.float()
-        self.rater_tastes = self.rater_head.rater_tastes().float().to(device)  # [R, d]
         self.rater_ids = list(self.run.rater_ids)
+        labels = self.run.clusters.labels
+        if space == "latent":
+            if self.run.latent is None:
+                raise UserError(
+                    f"{run_dir} has no latent taste head; retrain it with latent.enabled=true"
+                )
+            self.taste_head = self.run.latent.to(device).requires_grad_(False)
+            self.rater_tastes = self.run.posteriors.mean.float().to(device)  # [R, d]
+            self.rater_taste_var = self.run.posteriors.var.float().to(device)  # [R, d]
+            self.cluster_tastes = _cluster_means(
+                self.rater_tastes, labels, len(self.cluster_names)
+            )  # [K, d]
+        elif space == "rater":
+            self.taste_head = self.rater_head
+            self.rater_tastes = self.rater_head.rater_tastes().float().to(device)  # [R, d]
+            self.cluster_tastes = self.run.clusters.centroids.float().to(device)  # [K, d]
+        else:
+            raise UserError(f"unknown taste space {space!r}; use rater or latent")
+        self.cluster_members = [
+            (labels == k).nonzero()[:, 0] for k in range(len(self.cluster_names))
+        ]
+        # The ensemble members learned their own rater tables, so a taste is carried into a
+        # member's space by index: the same rater, or the mean of the same cluster's raters.
+        self.members = [h.to(device).requires_grad_(False) for h in self.run.ensemble]
+        self._member_tastes = {"clusters": [self.cluster_tastes], "raters": [self.rater_tastes]}
+        for head in self.members:
+            tastes = head.rater_tastes().float().to(device)  # [R, d]
+            self._member_tastes["raters"].append(tastes)
+            self._member_tastes["clusters"].append(
+                _cluster_means(tastes, labels, len(self.cluster_names))
+            )
 
     @property
     def taste_dim(self) -> int:
@@ -56,21 +103,63 @@ class TasteRewards:
         batch, k = features.shape[0], self.cluster_tastes.shape[0]
         z = self.cluster_tastes.repeat(batch, 1)  # [B * K, d]: image-major
         x = features.repeat_interleave(k, dim=0)
-        return self.rater_head.score(x, z).view(batch, k)
+        return self.taste_head.score(x, z).view(batch, k)
 
     def reward(
-        self, images: torch.Tensor, taste: torch.Tensor | None, objective: Objective
+        self,
+        images: torch.Tensor,
+        taste: torch.Tensor | None,
+        objective: Objective,
+        penalty: float = 0.0,
+        taste_index: torch.Tensor | None = None,
+        source: TasteSource = "clusters",
     ) -> torch.Tensor:
-        """Reward [B] of each image under `objective`; `taste` [B, d] is required for matched."""
+        """Reward [B] of each image under `objective`.
+
+        taste: [B, d], required for matched. penalty > 0 subtracts `penalty` times the
+        ensemble's std, which needs `taste_index` [B] (rows of the `source` taste table) for
+        matched, as the members read tastes by index.
+        """
         features = self.features(images)
         if objective == "mean":
-            return self.mean_head.score(features, None)
-        if objective == "matched":
+            reward, index = self.mean_head.score(features, None), None
+        elif objective == "matched":
             if taste is None:
                 raise UserError("objective=matched needs a taste per image")
-            return self.rater_head.score(features, taste)
-        if objective == "maxmin":
+            reward, index = self.taste_head.score(features, taste), taste_index
+        elif objective == "maxmin":
             scores = self.cluster_scores(features)  # [B, K]
             worst = scores.detach().mean(dim=0).argmin()
-            return scores[:, worst]
-        raise UserError(f"unknown objective {objective!r}; use matched, mean or maxmin")
+            reward, source = scores[:, worst], "clusters"
+            index = worst.expand(features.shape[0])
+        else:
+            raise UserError(f"unknown objective {objective!r}; use matched, mean or maxmin")
+        if penalty > 0:
+            if objective == "matched" and taste_index is None:
+                raise UserError("the ensemble penalty needs the taste index of each image")
+            reward = reward - penalty * self.ensemble_std(features, index, source)
+        return reward
+
+    def ensemble_std(
+        self, features: torch.Tensor, taste_index: torch.Tensor | None, source: TasteSource
+    ) -> torch.Tensor:
+        """Std [B] over the rater-head ensemble of each image's utility for its taste
+        (`taste_index` [B] into the `source` table; None = the null taste, no preference)."""
+        if self.space != "rater":
+            raise UserError("the ensemble penalty works in the rater head's taste space only")
+        if not self.members:
+            raise UserError(
+                "ensemble_penalty needs a reward run with ensemble heads: retrain it with "
+                "ensemble_size=N (e.g. 4)"
+            )
+        heads = [self.rater_head, *self.members]
+        utilities = []
+        for head, tastes in zip(heads, self._member_tastes[source]):
+            z = None if taste_index is None else tastes[taste_index.to(tastes.device)]
+            utilities.append(head.score(features, z))
+        return torch.stack(utilities).std(dim=0)
+
+
+def _cluster_means(tastes: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Mean taste of each cluster's raters: tastes [R, d], labels [R] -> [K, d]."""
+    return torch.stack([tastes[labels.to(tastes.device) == i].mean(dim=0) for i in range(k)])

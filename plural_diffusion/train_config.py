@@ -28,12 +28,15 @@ class LoraSettings:
 
 @dataclass
 class TasteSampling:
-    # which tastes the policy is asked to please: cluster centroids or individual raters
-    source: Literal["clusters", "raters"] = "clusters"
+    # which tastes the policy is asked to please: cluster centroids, individual raters (the
+    # rater head's vectors), or latents: a cluster is drawn, then one of its raters, then a taste
+    # from that rater's posterior under the latent head (needs a run with latent.enabled), so
+    # the policy covers the region of taste space a new user's few ratings land in
+    source: Literal["clusters", "raters", "latents"] = "clusters"
     # "uniform" gives a small cluster as many samples as a large one; "share" follows the shares
     weighting: Literal["uniform", "share"] = "uniform"
     # one prompt and one initial noise shared by a group of samples that differ only in taste,
-    # so the advantage isolates the taste's effect (clusters only; group size = K)
+    # so the advantage isolates the taste's effect (clusters and latents; group size = K)
     grouped: bool = True
 
 
@@ -70,7 +73,9 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
-    ensemble_penalty: float = 0.0  # reward - k * std over cluster heads (over-optimisation guard)
+    # reward - k * std over the reward run's rater-head ensemble (over-optimisation guard; the
+    # run needs ensemble_size > 0)
+    ensemble_penalty: float = 0.0
     seed: int = 0
     out_dir: str = "runs/policy"
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)

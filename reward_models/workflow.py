@@ -6,6 +6,11 @@ A run directory holds everything needed to score and to evaluate again:
 
     run/mean/  run/rater/        heads (head_config.json + head.safetensors)
     run/clusters/                taste clusters over the rater head's tastes
+    run/ensemble/rater-{i}/      optional extra rater heads (bootstrap + seed), for the trainer's
+                                 reward-uncertainty penalty
+    run/latent/                  optional latent-taste head (encoder + decoder) and
+                                 posteriors.safetensors: each training rater's posterior (mean,
+                                 var [R, d]) from all their training examples
     run/raters.json              rater id -> row of the rater head's taste table
     run/split.json               held-out images
     run/config.json              the resolved config
@@ -35,7 +40,9 @@ from reward_models.heads import (
     load_head,
     save_head,
 )
-from reward_models.io import read_json, write_json
+from reward_models.io import load_tensors, read_json, save_tensors, write_json
+from reward_models.latent import LatentHead, LatentHeadConfig, TastePosterior
+from reward_models.latent_fit import LatentTrainConfig, fit_latent, group_by_user, user_examples
 from reward_models.train import PairSet, ScoreSet, TrainHeadConfig, fit_head
 
 log = logging.getLogger(__name__)
@@ -68,6 +75,16 @@ class SplitConfig:
 
 
 @dataclass
+class LatentOptions:
+    """The latent-taste head (VPL-style encoder + decoder), trained beside the rater head when
+    enabled: its tastes are posteriors a new user's few ratings give without retraining."""
+
+    enabled: bool = False
+    head: LatentHeadConfig = field(default_factory=LatentHeadConfig)
+    train: LatentTrainConfig = field(default_factory=LatentTrainConfig)
+
+
+@dataclass
 class RewardTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     clip: ClipConfig = field(default_factory=ClipConfig)
@@ -76,6 +93,10 @@ class RewardTrainConfig:
     rater_head: RaterHeadConfig = field(default_factory=RaterHeadConfig)
     train: TrainHeadConfig = field(default_factory=TrainHeadConfig)
     clusters: ClusterConfig = field(default_factory=ClusterConfig)
+    # extra rater heads, each fitted on a bootstrap resample of the training ratings with its own
+    # seed; their disagreement is the reward-uncertainty penalty of the trainer (0: none)
+    ensemble_size: int = 0
+    latent: LatentOptions = field(default_factory=LatentOptions)
     # a rater-metadata column holding known groups (the toy world's gold "cluster"): evaluation
     # reports every figure per group too, and the agreement of discovered clusters with it
     group_column: str | None = None
@@ -159,6 +180,8 @@ def rater_groups(data: RatingData, column: str | None) -> dict[str, str] | None:
 def train(cfg: RewardTrainConfig) -> Path:
     """Fit the mean head, the rater head and taste clusters; write them to `cfg.out_dir`."""
     out = Path(cfg.out_dir)
+    if cfg.ensemble_size < 0:
+        raise UserError(f"ensemble_size={cfg.ensemble_size}: must be 0 (none) or more")
     data = load_data(cfg.data)
     train_data, test_data = split_by_image(data, cfg.split.test_images, cfg.split.seed)
     feats = features_for(data, cfg.clip, out.parent / "features")
@@ -184,12 +207,66 @@ def train(cfg: RewardTrainConfig) -> Path:
 
     save_head(mean_head, out / "mean")
     save_head(rater_head, out / "rater")
+    for i in range(cfg.ensemble_size):
+        log.info("training ensemble rater head %d/%d", i + 1, cfg.ensemble_size)
+        member = build_head(
+            dataclasses.replace(cfg.rater_head, feature_dim=dim, n_raters=len(raters))
+        )
+        seed = cfg.train.seed + 1 + i
+        fit_head(
+            member, *_bootstrap(scores, pairs, seed), dataclasses.replace(cfg.train, seed=seed)
+        )
+        save_head(member, out / "ensemble" / f"rater-{i}")
+    if cfg.latent.enabled:
+        log.info("training the latent taste head")
+        latent = build_head(dataclasses.replace(cfg.latent.head, feature_dim=dim))
+        fit_latent(latent, scores, pairs, cfg.latent.train)
+        save_head(latent, out / "latent")
+        post = rater_posteriors(latent, scores, pairs, len(raters))
+        save_tensors(out / "latent" / POSTERIORS_NAME, {"mean": post.mean, "var": post.var})
     clusters.save(out / "clusters")
     write_json(out / "raters.json", {"rater_ids": raters})
     test_images = sorted({i for t in test_data.tables() for i in t.images})
     write_json(out / "split.json", {"test_images": test_images})
     write_json(out / "config.json", to_dict(cfg))
     return out
+
+
+POSTERIORS_NAME = "posteriors.safetensors"
+
+
+@torch.no_grad()
+def rater_posteriors(
+    head: LatentHead, scores: ScoreSet | None, pairs: PairSet | None, n_raters: int
+) -> TastePosterior:
+    """Each rater's taste posterior from all their examples, [R, d] (the prior for none)."""
+    users = group_by_user(scores, pairs, min_examples=1)
+    mean = torch.zeros(n_raters, head.taste_dim)
+    var = torch.ones(n_raters, head.taste_dim)
+    for r, s_rows, p_rows in zip(users.ids, users.score_rows, users.pair_rows):
+        part = torch.arange(len(s_rows) + len(p_rows))
+        post = head.encode(head.context_batch([user_examples(s_rows, p_rows, part, scores, pairs)]))
+        mean[r], var[r] = post.mean[0], post.var[0]
+    return TastePosterior(mean, var)
+
+
+def _bootstrap(scores: ScoreSet | None, pairs: PairSet | None, seed: int):
+    """The same ratings and pairs resampled with replacement (features are shared)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def resample(n: int) -> torch.Tensor:
+        return torch.randint(n, (n,), generator=g)
+
+    if scores is not None:
+        rows = resample(len(scores.score))
+        item = None if scores.item is None else scores.item[rows]
+        features = scores.features if scores.item is not None else scores.features[rows]
+        scores = ScoreSet(features, scores.rater[rows], scores.score[rows], item)
+    if pairs is not None:
+        rows = resample(len(pairs.winner))
+        pairs = PairSet(pairs.features, pairs.idx_a[rows], pairs.idx_b[rows], pairs.rater[rows],
+                        pairs.winner[rows])  # fmt: skip
+    return scores, pairs
 
 
 def _majority_namer(groups: list[str]):
@@ -213,6 +290,9 @@ class TrainedRun:
     rater: RewardHead
     clusters: TasteClusters
     rater_ids: list[str]
+    ensemble: list[RewardHead] = field(default_factory=list)  # extra rater heads, same raters
+    latent: LatentHead | None = None
+    posteriors: TastePosterior | None = None  # of each rater under the latent head, [R, d]
 
     @property
     def rater_index(self) -> dict[str, int]:
@@ -228,7 +308,16 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     rater = load_head(run_dir / "rater", feature_dim=mean.feature_dim)
     clusters = TasteClusters.load(run_dir / "clusters")
     ids = read_json(run_dir / "raters.json")["rater_ids"]
-    return TrainedRun(cfg, mean.eval(), rater.eval(), clusters, ids)
+    members = sorted(
+        (run_dir / "ensemble").glob("rater-*"), key=lambda p: int(p.name.split("-")[1])
+    )
+    ensemble = [load_head(p, feature_dim=mean.feature_dim).eval() for p in members]
+    latent, posteriors = None, None
+    if (run_dir / "latent").is_dir():
+        latent = load_head(run_dir / "latent", feature_dim=mean.feature_dim).eval()
+        post = load_tensors(run_dir / "latent" / POSTERIORS_NAME)
+        posteriors = TastePosterior(post["mean"], post["var"])
+    return TrainedRun(cfg, mean.eval(), rater.eval(), clusters, ids, ensemble, latent, posteriors)
 
 
 def _per_rater_ranking(pred, target, rater) -> dict[int, tuple[float, float]]:
@@ -283,7 +372,9 @@ def evaluate(run_dir: str | Path) -> dict:
         "rater": run.rater.score(x, run.rater.taste_of(rater)).numpy(),
     }
     labels = run.clusters.labels.tolist()
-    groupings = {"discovered_cluster": {r: run.clusters.names[labels[r]] for r in range(len(labels))}}
+    groupings = {
+        "discovered_cluster": {r: run.clusters.names[labels[r]] for r in range(len(labels))}
+    }
     known = rater_groups(data, cfg.group_column)
     if known is not None:
         groupings["known_group"] = {i: known[r] for r, i in index.items()}

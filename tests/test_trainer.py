@@ -1,6 +1,7 @@
 """The RL trainer on the tiny toy base: both methods run, learn, checkpoint, resume, and fail
 cleanly on bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -44,13 +45,13 @@ def lora_weights(run_dir):
 def reward_on_fixed_batch(trainer, batch=6, seed=99):
     """Mean matched reward of the policy on one fixed batch of prompts, tastes and noise."""
     saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
-    prompt, _, z, noise = trainer.draw_batch(batch)
+    prompt, taste, z, noise = trainer.draw_batch(batch)
     embeds, negative = trainer._embeds(prompt)
     with torch.no_grad():
         traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
                       embeds, negative, z, trainer.cfg.sampling, generator=trainer.generator,
                       init_latents=noise)  # fmt: skip
-        reward = trainer._reward(traj.images, z).mean().item()
+        reward = trainer._reward(traj.images, z, taste).mean().item()
     trainer.generator = saved
     return reward
 
@@ -58,7 +59,7 @@ def reward_on_fixed_batch(trainer, batch=6, seed=99):
 def test_draft_matched_raises_the_reward_and_saves_a_diffusers_lora(
     toy_assets, reward_run, tmp_path
 ):
-    cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=5", "lr=0.01")
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=5", "lr=0.01", "draft.batch_size=12")
     trainer = Trainer(cfg)
     before = reward_on_fixed_batch(trainer)
     trainer.fit(progress=False)
@@ -132,3 +133,126 @@ def test_bad_input_is_a_one_line_error(toy_assets, reward_run, tmp_path, overrid
     else:
         with pytest.raises(UserError, match=message):
             Trainer(cfg)
+
+
+def kl_on_fixed_batch(trainer, batch=6, seed=7) -> float:
+    """KL-to-base of the policy's denoising step, averaged over one fixed batch's trajectory."""
+    saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
+    prompt, _, z, noise = trainer.draw_batch(batch)
+    embeds, negative = trainer._embeds(prompt)
+    cfg = trainer.cfg.sampling
+    with torch.no_grad():
+        traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
+                      embeds, negative, z, cfg, generator=trainer.generator, init_latents=noise)  # fmt: skip
+        kls = []
+        for j, t in enumerate(traj.timesteps[:-1]):
+            from plural_diffusion.sampling import guided_noise
+
+            pred = guided_noise(trainer.unet, trainer.conditioner, traj.latents[:, j], t, embeds,
+                                negative, z, cfg.guidance_scale)  # fmt: skip
+            kls.append(trainer._kl_to_base(pred, traj.latents[:, j], t, embeds, negative).item())
+    trainer.generator = saved
+    return sum(kls) / len(kls)
+
+
+def test_kl_to_base_is_zero_at_start_and_the_penalty_keeps_the_policy_near_the_base(
+    toy_assets, reward_run, tmp_path
+):
+    common = ("method=ddpo", "epochs=3", "lr=0.03", "ddpo.clip_range=0.2")
+    free = Trainer(toy_config(toy_assets, reward_run, tmp_path / "free", *common))
+    # zero-initialised LoRA and taste module: the policy *is* the base model
+    assert kl_on_fixed_batch(free) == 0.0
+    free.fit(progress=False)
+    penalised = Trainer(
+        toy_config(toy_assets, reward_run, tmp_path / "kl", *common, "ddpo.kl_weight=100")
+    )
+    penalised.fit(progress=False)
+    kl_free, kl_penalised = kl_on_fixed_batch(free), kl_on_fixed_batch(penalised)
+    assert kl_free > 0
+    assert kl_penalised < 0.5 * kl_free, (kl_free, kl_penalised)
+    assert "kl_to_base" in penalised.history[-1]
+
+
+@pytest.fixture(scope="module")
+def ensemble_run(fast_demo_config, toy_assets):
+    from plural_diffusion.cache import cache_root
+    from plural_diffusion.demo import stage_rewards
+
+    cfg = dataclasses.replace(
+        fast_demo_config,
+        reward_overrides=[*fast_demo_config.reward_overrides, "ensemble_size=2", "train.epochs=20"],
+    )
+    return stage_rewards(cfg, toy_assets, cache_root())
+
+
+def test_ensemble_penalty_subtracts_k_times_the_heads_disagreement(ensemble_run):
+    from plural_diffusion.rewards import TasteRewards
+
+    rewards = TasteRewards(str(ensemble_run))
+    assert len(rewards.members) == 2
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    taste = torch.tensor([0, 1, 2, 0, 1, 2])
+    z = rewards.cluster_tastes[taste]
+    plain = rewards.reward(images, z, "matched")
+    std = rewards.ensemble_std(rewards.features(images), taste, "clusters")
+    assert (std > 0).all()  # bootstrapped heads disagree somewhere on random images
+    penalised = rewards.reward(images, z, "matched", penalty=2.0, taste_index=taste)
+    torch.testing.assert_close(penalised, plain - 2.0 * std)
+    # each member reads the taste in its own space: the same cluster, not the same vector
+    member_z = rewards._member_tastes["clusters"][1]
+    assert not torch.allclose(member_z, rewards.cluster_tastes)
+
+
+def test_ensemble_penalty_without_an_ensemble_is_a_one_line_error(toy_assets, reward_run, tmp_path):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "ensemble_penalty=1.0")
+    with pytest.raises(UserError, match="retrain .* with ensemble_size=N"):
+        Trainer(cfg)
+
+
+def test_draft_with_the_ensemble_penalty_trains(toy_assets, ensemble_run, tmp_path):
+    cfg = toy_config(toy_assets, ensemble_run, tmp_path, "epochs=1", "ensemble_penalty=1.0")
+    log = Trainer(cfg).train_epoch()
+    assert torch.isfinite(torch.tensor(log["reward_mean"]))
+
+
+@pytest.fixture(scope="module")
+def latent_run(fast_demo_config, toy_assets):
+    from plural_diffusion.cache import cache_root
+    from plural_diffusion.demo import stage_rewards
+
+    overrides = ["latent.enabled=true", "latent.train.steps=150", "train.epochs=20"]
+    cfg = dataclasses.replace(
+        fast_demo_config, reward_overrides=[*fast_demo_config.reward_overrides, *overrides]
+    )
+    return stage_rewards(cfg, toy_assets, cache_root())
+
+
+def test_latent_tastes_are_posterior_draws_around_each_clusters_raters(
+    toy_assets, latent_run, tmp_path
+):
+    cfg = toy_config(toy_assets, latent_run, tmp_path, "taste.source=latents", "epochs=1")
+    trainer = Trainer(cfg)
+    rewards = trainer.rewards
+    assert rewards.space == "latent" and rewards.taste_dim == rewards.run.latent.taste_dim
+    _, taste, z, _ = trainer.draw_batch(6)
+    assert taste.tolist() == [0, 1, 2, 0, 1, 2]  # grouped: every cluster once per group
+    assert not torch.equal(z[0], z[3])  # the same cluster, two different draws
+    # each draw lies nearer its own cluster's taste than another cluster's, on average
+    dist = torch.cdist(z, rewards.cluster_tastes)  # [6, K]
+    own = dist[torch.arange(6), taste].mean()
+    assert own < dist.mean(), (own, dist.mean())
+    log = trainer.train_epoch()
+    assert set(log["per_taste"]) == set(rewards.cluster_names)
+    assert all(
+        "gold" not in e or torch.isfinite(torch.tensor(e["gold"]))
+        for e in log["per_taste"].values()
+    )
+    trainer.save(tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "policy" / "checkpoint.json").read_text())["metadata"]
+    assert meta["taste_space"] == "latent"
+
+
+def test_latent_source_without_a_latent_head_is_a_one_line_error(toy_assets, reward_run, tmp_path):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "taste.source=latents")
+    with pytest.raises(UserError, match="latent.enabled=true"):
+        Trainer(cfg)

