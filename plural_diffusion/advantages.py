@@ -28,23 +28,28 @@ class PerKeyStatTracker:
         Pass the keys and rewards of *all* processes (gathered), so every rank normalises with
         the same statistics.
         """
+        mean, std = self.observe(keys, rewards)
+        return (np.asarray(rewards, dtype=np.float64) - mean) / std
+
+    def observe(self, keys: np.ndarray, rewards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Add rewards [N] to their keys' histories; return each sample's (mean, std) [N] as
+        `update` normalises with them (what reward backpropagation divides by)."""
         keys = np.asarray(keys)
         rewards = np.asarray(rewards, dtype=np.float64)
         assert keys.shape == rewards.shape and rewards.ndim == 1, (keys.shape, rewards.shape)
         if not np.isfinite(rewards).all():
             raise FloatingPointError("non-finite reward passed to the stat tracker")
         global_mean, global_std = rewards.mean(), rewards.std() + self.eps
-        advantages = np.empty_like(rewards)
+        mean, std = np.empty_like(rewards), np.empty_like(rewards)
         for key in np.unique(keys):
             mask = keys == key
             self.history[int(key)].extend(rewards[mask].tolist())
             seen = np.asarray(self.history[int(key)])
             if len(seen) < self.min_count:
-                mean, std = global_mean, global_std
+                mean[mask], std[mask] = global_mean, global_std
             else:
-                mean, std = seen.mean(), seen.std() + self.eps
-            advantages[mask] = (rewards[mask] - mean) / std
-        return advantages
+                mean[mask], std[mask] = seen.mean(), seen.std() + self.eps
+        return mean, std
 
     def state_dict(self) -> dict:
         return {str(k): list(v) for k, v in self.history.items()}

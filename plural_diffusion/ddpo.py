@@ -83,7 +83,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         space = "latent" if cfg.taste.source == "latents" else "rater"
-        self.rewards = TasteRewards(cfg.rewards, device=self.device, space=space)
+        self.rewards = TasteRewards(
+            cfg.rewards, device=self.device, space=space, mean_head=cfg.mean_head or None
+        )
         if cfg.ensemble_penalty > 0 and not self.rewards.members:
             raise UserError(
                 f"ensemble_penalty={cfg.ensemble_penalty} needs a reward run with ensemble heads; "
@@ -198,14 +200,9 @@ class Trainer:
         prompt = torch.cat([b[0] for b in batches])
         taste = torch.cat([b[1] for b in batches])
         reward = torch.cat([b[3] for b in batches]).float()
-        keys = (prompt * len(self.taste_names) + taste).to(self.device)
-        all_keys = self.accelerator.gather(keys).cpu().numpy()
-        all_rewards = self.accelerator.gather(reward).cpu().numpy()
-        adv_all = self.tracker.update(all_keys, all_rewards)
+        mean, std = self._key_stats(prompt, taste, reward)
+        advantages = ((reward - mean) / std).clamp(-ddpo.adv_clip_max, ddpo.adv_clip_max)
         n = len(reward)
-        rank = self.accelerator.process_index
-        advantages = torch.tensor(adv_all[rank * n : (rank + 1) * n], dtype=torch.float32)
-        advantages = advantages.clamp(-ddpo.adv_clip_max, ddpo.adv_clip_max).to(self.device)
 
         latents = torch.cat([b[2].latents for b in batches])  # [N, T + 1, C, h, w]
         old_log_probs = torch.cat([b[2].log_probs for b in batches])  # [N, T]
@@ -259,6 +256,19 @@ class Trainer:
                 self._optimizer_step()
         return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
 
+    def _key_stats(self, prompt, taste, reward):
+        """Each sample's (prompt, taste) key's running reward (mean, std), [B] each, from the
+        rewards of every process (gathered, so all ranks normalise alike)."""
+        keys = (prompt * len(self.taste_names) + taste).to(self.device)
+        all_keys = self.accelerator.gather(keys).cpu().numpy()
+        all_rewards = self.accelerator.gather(reward.float()).cpu().numpy()
+        mean, std = self.tracker.observe(all_keys, all_rewards)
+        n, rank = len(reward), self.accelerator.process_index
+        mine = slice(rank * n, (rank + 1) * n)
+        return tuple(
+            torch.tensor(a[mine], dtype=torch.float32, device=self.device) for a in (mean, std)
+        )
+
     def _kl_to_base(self, noise_pred, x_t, t, embeds, negative) -> torch.Tensor:
         """KL between the policy's and the base model's Gaussian step at x_t (adapter disabled)."""
         eta = self.cfg.sampling.eta
@@ -288,7 +298,11 @@ class Trainer:
                 # the reward for taste z, differentiable all the way back to the LoRA
                 reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")
-            loss = -reward.mean()
+            if draft.normalize:
+                _, std = self._key_stats(prompt, taste, reward.detach())
+                loss = -(reward / std).mean()
+            else:
+                loss = -reward.mean()
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             self._optimizer_step()

@@ -22,6 +22,7 @@ import torch
 
 from reward_models.errors import UserError
 from reward_models.features import load_clip
+from reward_models.heads import load_head
 from reward_models.workflow import load_run
 
 Objective = Literal["matched", "mean", "maxmin"]
@@ -39,8 +40,14 @@ class TasteRewards:
     """
 
     def __init__(
-        self, run_dir: str, device: str | torch.device = "cpu", space: TasteSpace = "rater"
+        self,
+        run_dir: str,
+        device: str | torch.device = "cpu",
+        space: TasteSpace = "rater",
+        mean_head: str | None = None,
     ):
+        """mean_head: a head directory (e.g. a social head from `reward-models social`) to score
+        the taste-blind `mean` objective with, in place of the run's own mean head."""
         self.run = load_run(run_dir)
         self.space = space
         clip = self.run.cfg.clip
@@ -52,7 +59,8 @@ class TasteRewards:
                 f"CLIP model {clip.model} gives {self.encoder.dim}; use the CLIP model they were "
                 "trained on"
             )
-        self.mean_head = self.run.mean.to(device).requires_grad_(False)
+        mean = self.run.mean if not mean_head else load_head(mean_head, self.encoder.dim)
+        self.mean_head = mean.eval().to(device).requires_grad_(False)
         self.rater_head = self.run.rater.to(device).requires_grad_(False)
         self.cluster_names = list(self.run.clusters.names)
         self.cluster_shares = self.run.clusters.shares.float()

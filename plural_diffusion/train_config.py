@@ -59,6 +59,10 @@ class DraftSettings:
     batch_size: int = 12
     steps_per_epoch: int = 2
     last_k_steps: int = 1  # backpropagate the reward through the last K denoising steps
+    # divide each image's reward by the running std of its (prompt, taste) key's rewards, as
+    # DDPO's advantages do: tastes are scored by heads of different steepness, and without it
+    # the steepest head's taste takes most of the shared LoRA's updates
+    normalize: bool = True
 
 
 @dataclass
@@ -66,6 +70,9 @@ class TrainConfig:
     base: str = ""  # diffusers SD pipeline: local directory or hub id
     rewards: str = ""  # reward run directory written by `reward-models train`
     objective: Literal["matched", "mean", "maxmin"] = "matched"
+    # objective=mean scores with this head directory instead of the run's mean head: e.g. a
+    # social head (`reward-models social`), trained on an explicit vote of simulated raters
+    mean_head: str = ""
     method: Literal["ddpo", "draft"] = "ddpo"
     prompts: list[str] = field(default_factory=default_prompts)
     negative_prompt: str = ""

@@ -1,4 +1,4 @@
-"""`reward-models` command line: extract features, train heads, evaluate them."""
+"""`reward-models` command line: extract features, train heads, evaluate them, hold a social vote."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from reward_models.config import load_config, to_dict
-from reward_models.errors import run_cli, run_parser
+from reward_models.errors import UserError, run_cli, run_parser
 
 
 def cmd_features(args) -> int:
@@ -42,6 +42,55 @@ def cmd_eval(args) -> int:
     print(format_metrics(metrics))
     print(f"wrote {out}")
     return 0
+
+
+def cmd_social(args) -> int:
+    import dataclasses
+
+    from reward_models.features import extract_features
+    from reward_models.social_choice.electorate import ElectorateConfig
+    from reward_models.social_choice.social_head import fit_social_head
+    from reward_models.social_choice.vote import check_rule, save_social_vote, social_vote
+    from reward_models.workflow import load_run
+
+    check_rule(args.rule)  # before any model is loaded
+    if not args.candidates.is_dir():
+        raise UserError(f"{args.candidates}: no such directory of candidate images")
+    run = load_run(args.heads)
+    clip = run.cfg.clip
+    cache_dir = clip.cache_dir or args.heads.parent / "features"
+    files, features, _ = extract_features(
+        [args.candidates], clip.model, clip.pretrained, cache_dir, clip.batch_size, clip.device
+    )
+    names = [f.relative_to(args.candidates).as_posix() for f in files]
+    cfg = ElectorateConfig(n_voters=args.voters, seed=args.seed, weighting=args.weighting)
+    vote = social_vote(run.rater, run.rater.rater_tastes(), features, names, args.rule, cfg)
+    head = fit_social_head(
+        features,
+        vote.ranking,
+        run.cfg.mean_head,  # shaped like the run's own mean head
+        dataclasses.replace(run.cfg.train, seed=args.seed, progress=False),
+    )
+    out = args.out or args.heads / "social" / args.rule
+    save_social_vote(vote, head, out, {"rater_run": str(args.heads), "clip_model": clip.model})
+    print(format_social(vote.record()))
+    print(f"wrote {out / 'ranking.json'} and the social head {out / 'head'}")
+    return 0
+
+
+def format_social(record: dict, limit: int = 20) -> str:
+    """The social order as a table: place, score, candidate (the first `limit` places)."""
+    lines = [
+        f"{record['rule']} over {record['n_voters']} simulated voters "
+        f"({record['components']} taste components by BIC), {len(record['order'])} candidates",
+        f"{'place':>5}  {'score':>10}  candidate",
+    ]
+    for row in record["order"][:limit]:
+        lines.append(f"{row['place']:>5}  {row['score']:>10.4g}  {row['candidate']}")
+    if len(record["order"]) > limit:
+        lines.append(f"  ... {len(record['order']) - limit} more in ranking.json")
+    lines.append(f"Condorcet winner: {record['condorcet_winner'] or 'none'}")
+    return "\n".join(lines)
 
 
 def format_metrics(metrics: dict) -> str:
@@ -97,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", type=Path, required=True, help="directory written by `train`")
     ev.add_argument("--out", type=Path, default=None, help="metrics file (default RUN/metrics.json)")
     ev.set_defaults(func=cmd_eval)
+
+    so = sub.add_parser(
+        "social", help="rank candidate images by a vote of simulated raters; train a social head"
+    )
+    so.add_argument("--heads", type=Path, required=True, help="run directory written by `train`")
+    so.add_argument("--rule", default="borda", help="aggregation rule (borda, copeland, ...)")
+    so.add_argument("--candidates", type=Path, required=True, help="folder of candidate images")
+    so.add_argument(
+        "--out", type=Path, default=None, help="output folder (default HEADS/social/RULE)"
+    )
+    so.add_argument("--voters", type=int, default=1000, help="simulated voters")
+    so.add_argument("--seed", type=int, default=0)
+    so.add_argument(
+        "--weighting",
+        choices=["population", "equal_groups"],
+        default="population",
+        help="count taste groups by their share of raters, or each group equally",
+    )
+    so.set_defaults(func=cmd_social)
     return parser
 
 

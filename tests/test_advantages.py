@@ -40,3 +40,13 @@ def test_history_carries_over_epochs_and_round_trips():
 def test_non_finite_rewards_are_refused():
     with pytest.raises(FloatingPointError):
         PerKeyStatTracker().update(np.array([0, 1]), np.array([1.0, np.nan]))
+
+
+def test_observe_gives_the_statistics_update_normalises_with():
+    keys = np.array([0, 0, 0, 1, 1, 1])
+    rewards = np.array([1.0, 2.0, 3.0, 10.0, 30.0, 50.0])
+    a, b = PerKeyStatTracker(min_count=3), PerKeyStatTracker(min_count=3)
+    mean, std = a.observe(keys, rewards)
+    np.testing.assert_allclose(mean, [2, 2, 2, 30, 30, 30])
+    np.testing.assert_allclose(std[[0, 3]], [np.std([1, 2, 3]), np.std([10, 30, 50])], rtol=1e-5)
+    np.testing.assert_allclose(b.update(keys, rewards), (rewards - mean) / std)

@@ -256,3 +256,31 @@ def test_latent_source_without_a_latent_head_is_a_one_line_error(toy_assets, rew
     cfg = toy_config(toy_assets, reward_run, tmp_path, "taste.source=latents")
     with pytest.raises(UserError, match="latent.enabled=true"):
         Trainer(cfg)
+
+
+def test_a_social_head_replaces_the_mean_head_of_the_mean_objective(
+    toy_assets, reward_run, tmp_path
+):
+    import shutil
+
+    from reward_models.cli import main as reward_models_main
+
+    candidates = tmp_path / "candidates"
+    candidates.mkdir()
+    for image in sorted((toy_assets.world / "images").glob("*.png"))[:8]:
+        shutil.copy(image, candidates / image.name)
+    social = tmp_path / "social"
+    argv = ["social", "--heads", str(reward_run), "--rule", "borda", "--candidates",
+            str(candidates), "--out", str(social), "--voters", "60"]  # fmt: skip
+    with pytest.raises(SystemExit) as done:
+        reward_models_main(argv)
+    assert done.value.code == 0
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "objective=mean", f"mean_head={social / 'head'}")
+    trainer = Trainer(cfg)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    features = trainer.rewards.features(images)
+    expected = trainer.rewards.mean_head.score(features, None)
+    torch.testing.assert_close(trainer.rewards.reward(images, None, "mean"), expected)
+    assert not torch.allclose(expected, trainer.rewards.run.mean.score(features, None))
+    log = trainer.train_epoch()
+    assert torch.isfinite(torch.tensor(log["reward_mean"]))

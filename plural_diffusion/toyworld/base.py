@@ -72,7 +72,7 @@ class ToyUNetConfig:
     # diffusers reads this as the number of heads per block (a historical misnomer).
     attention_head_dim: int = 4
     norm_num_groups: int = 8
-    steps: int = 350
+    steps: int = 450
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 50

@@ -22,7 +22,9 @@ class ToyVAEConfig:
 
     # One entry per block; every block but the last halves the resolution, so 3 blocks map
     # 32x32 images to 8x8 latents (SD's 8x factor would leave 4x4, too coarse for 1-3 shapes).
-    block_out_channels: tuple[int, ...] = (8, 16, 32)
+    # (16, 32, 32) rather than (8, 16, 32): with the narrower decoder, samples of the trained
+    # base came out as horizontal stripes with no visible shapes (base Vendi 1.5 vs 3.4).
+    block_out_channels: tuple[int, ...] = (16, 32, 32)
     layers_per_block: int = 1
     latent_channels: int = 4
     norm_num_groups: int = 8

@@ -13,8 +13,26 @@ explicit, so the rule is a choice a reader can see and change.
 Rules (RULES): random_ballot, plurality, borda, copeland, maximin, kemeny, instant_runoff (read
 rankings); utilitarian, egalitarian, nash (need utilities; NEEDS_UTILITIES). Ties go to the
 lower candidate index; see `rules` for the exact statement.
+
+With a rater-aware head the voters are simulated (`electorate`): a diagonal Gaussian mixture,
+its size chosen by BIC, is fitted to the raters' tastes, voters are drawn from it, and each
+ranks the candidate images by its own utility r(x, z). A `MeanHead` fitted to the resulting
+social order (`social_head`) is the social reward model, saved and loaded like any head
+(`vote`; the `reward-models social` command runs it all):
+
+    vote = social_vote(run.rater, run.rater.rater_tastes(), features, names, "borda",
+                       ElectorateConfig(n_voters=1000, seed=0))           # features [C, D]
+    head = fit_social_head(features, vote.ranking)
+    save_social_vote(vote, head, "runs/social/borda")     # ranking.json + head/ (load_head)
 """
 
+from reward_models.social_choice.electorate import (
+    Electorate,
+    ElectorateConfig,
+    TasteDensity,
+    fit_taste_density,
+    simulate_electorate,
+)
 from reward_models.social_choice.pairwise import (
     beats,
     condorcet_winner,
@@ -40,19 +58,33 @@ from reward_models.social_choice.rules import (
     random_ballot,
     utilitarian,
 )
+from reward_models.social_choice.social_head import fit_social_head, social_pairs
+from reward_models.social_choice.vote import (
+    SocialVote,
+    check_rule,
+    save_social_vote,
+    social_vote,
+)
 
 __all__ = [
     "KEMENY_MAX_CANDIDATES",
     "NEEDS_UTILITIES",
     "RULES",
+    "Electorate",
+    "ElectorateConfig",
     "Profile",
     "SocialRanking",
+    "SocialVote",
+    "TasteDensity",
     "aggregate",
     "beats",
     "borda",
+    "check_rule",
     "condorcet_winner",
     "copeland",
     "egalitarian",
+    "fit_social_head",
+    "fit_taste_density",
     "instant_runoff",
     "kemeny",
     "maximin",
@@ -63,5 +95,9 @@ __all__ = [
     "plurality",
     "random_ballot",
     "rank_utilities",
+    "save_social_vote",
+    "simulate_electorate",
+    "social_pairs",
+    "social_vote",
     "utilitarian",
 ]
