@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint format prepare clean
+.PHONY: demo test lint format prepare clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,9 +18,29 @@ demo: $(STAMP)
 prepare: $(STAMP)
 	$(BIN)/plural-diffusion toy prepare $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# tests/test_report.py opens report.html in headless Chromium through chromedriver: Debian's
+# chromium and chromium-driver, installed here with apt-get when missing (as root, or via sudo).
+# Without them that one test skips, or fails when PLURAL_DIFFUSION_REQUIRE_BROWSER=1 (CI).
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		exit 0; \
+	elif ! command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: apt-get is not available; install chromium and chromedriver into /usr/bin" \
+			"yourself, or the report's browser test is skipped"; \
+	else \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; \
+		elif command -v sudo >/dev/null 2>&1; then SUDO="sudo"; \
+		else echo "browser: need root (or sudo) to apt-get install chromium chromium-driver;" \
+			"the report's browser test is skipped"; exit 0; fi; \
+		echo "browser: installing chromium and chromium-driver with apt-get (for the report test)"; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+			|| echo "browser: apt-get install failed; the report's browser test is skipped"; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

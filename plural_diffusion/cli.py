@@ -1,4 +1,5 @@
-"""`plural-diffusion` command line: toy world preparation and the end-to-end demo."""
+"""`plural-diffusion` command line: the demo, toy world preparation, training, generation per
+taste and evaluation against the mean baseline."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import sys
 from pathlib import Path
 
 from reward_models.config import load_config, to_dict
-from reward_models.errors import run_cli, run_parser
+from reward_models.errors import UserError, run_cli, run_parser
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -45,9 +46,19 @@ def cmd_toy_world(args) -> int:
     return 0
 
 
+def _quiet_model_loading() -> None:
+    """diffusers and transformers draw a progress bar per model they load; ours say more."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def cmd_demo(args) -> int:
     from plural_diffusion.demo import DemoConfig, run_demo
 
+    _quiet_model_loading()
     name = "demo-fast.yaml" if args.fast else "demo.yaml"
     cfg = load_config(DemoConfig, args.config or _default_config(name), args.overrides)
     run_demo(cfg, out_dir=args.out, cache_dir=args.cache_dir)
@@ -64,6 +75,110 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _sampling(args):
+    from plural_diffusion.sampling import SamplingConfig
+
+    if args.steps < 1 or not 0.0 <= args.eta <= 1.0:
+        raise UserError(f"--steps {args.steps} must be >= 1 and --eta {args.eta} in [0, 1]")
+    return SamplingConfig(steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from plural_diffusion.generate import parse_seeds, run_generate
+
+    torch.set_num_threads(args.threads)
+    _quiet_model_loading()
+    manifest = run_generate(
+        base=args.base,
+        checkpoint=args.checkpoint,
+        rewards_dir=args.rewards,
+        taste_specs=args.taste,
+        ratings=args.ratings,
+        interpolate_pair=args.interpolate,
+        interpolate_steps=args.interpolate_steps,
+        prompts=args.prompt,
+        seeds=parse_seeds(args.seeds, args.seed_list),
+        sampling=_sampling(args),
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    n = sum(len(p["images"]) for p in manifest["prompts"])
+    tastes = ", ".join(t["label"] for t in manifest["tastes"])
+    print(f"wrote {n} images ({tastes}) and {len(manifest['prompts'])} grid(s) to {args.out}")
+    for p in manifest["prompts"]:
+        print(f"  grid: {args.out / p['grid']}")
+    return 0
+
+
+def _named_dirs(items: list[str], flag: str) -> dict[str, Path]:
+    """['mean=DIR', ...] -> {'mean': DIR}, with one-line errors for bad or repeated names."""
+    out: dict[str, Path] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        name = name.strip()
+        if not sep or not name or not path:
+            raise UserError(
+                f"{flag} {item!r}: expected NAME=DIR, e.g. {flag} matched=runs/matched/checkpoints/epoch-0012"
+            )
+        if name in out or name == "base":
+            why = "is always evaluated" if name == "base" else "is given twice"
+            raise UserError(f"{flag} {item!r}: the name {name!r} {why}; choose another name")
+        out[name] = Path(path)
+    return out
+
+
+def cmd_evaluate(args) -> int:
+    import torch
+
+    from plural_diffusion.evaluate import EvalConfig, evaluate_policies, toy_gold
+    from plural_diffusion.generate import checkpoint_config, parse_seeds, policy_dir
+    from plural_diffusion.report import summary_table, write_report
+    from plural_diffusion.rewards import TasteRewards
+    from reward_models.io import write_json
+
+    torch.set_num_threads(args.threads)
+    _quiet_model_loading()
+    policies = {n: policy_dir(p) for n, p in _named_dirs(args.policy, "--policy").items()}
+    curves = _named_dirs(args.checkpoints, "--checkpoints")
+    trained = next((checkpoint_config(p) for p in policies.values()), {})
+    base = args.base or trained.get("base")
+    rewards_dir = args.rewards or trained.get("rewards")
+    if not base:
+        raise UserError("no base model: pass --base DIR_OR_HUB_ID")
+    if not rewards_dir:
+        raise UserError("no reward run: pass --rewards RUN_DIR (from `reward-models train`)")
+    rewards = TasteRewards(str(rewards_dir), device=args.device)
+    world = args.toy_world
+    if world is None and (Path(rewards.run.cfg.data.path) / "world.json").is_file():
+        world = Path(rewards.run.cfg.data.path)  # the reward heads were trained on a toy world
+    gold_fn = None if world is None else toy_gold(world, rewards.cluster_names)
+    seeds = parse_seeds(args.seeds, args.seed_list)
+    cfg = EvalConfig(
+        prompts=args.prompt or trained.get("prompts", [])[:2] or EvalConfig().prompts,
+        seed_list=seeds,
+        images_per_prompt=len(seeds),
+        sampling=_sampling(args),
+        batch_size=args.batch_size,
+        curve_images_per_prompt=args.curve_seeds,
+    )
+    baseline = args.baseline or ("mean" if "mean" in policies else "base")
+    print(f"evaluating {', '.join(['base', *policies])} on {len(cfg.prompts)} prompt(s) x "
+          f"{len(seeds)} seed(s); gold utilities: {world or 'none (not a toy world)'}")  # fmt: skip
+    metrics, images = evaluate_policies(
+        base, policies, rewards, cfg, gold_fn, baseline, curves, device=args.device
+    )
+    write_json(args.out / "metrics.json", metrics)
+    report = write_report(args.out / "report.html", metrics, images)
+    print()
+    print(summary_table(metrics))
+    print(f"\nwrote {args.out / 'metrics.json'}")
+    print(f"report: {report.resolve()}")
+    return 0
+
+
 def cmd_show_config(args) -> int:
     import yaml
 
@@ -75,6 +190,38 @@ def cmd_show_config(args) -> int:
     cfg = load_config(kinds[args.kind], args.config, args.overrides)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
+
+
+def _add_policy_args(p: argparse.ArgumentParser) -> None:
+    """Options `generate` and `evaluate` share: models, prompts, seeds, sampling."""
+    p.add_argument("--base", default=None, help="base model: diffusers SD dir or hub id "
+                   "(default: the one the checkpoint was trained on)")  # fmt: skip
+    p.add_argument("--rewards", type=Path, default=None, help="reward run of the taste vectors "
+                   "(default: the one the checkpoint was trained with)")  # fmt: skip
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=[],
+        help="prompt (repeatable; default: the first two the checkpoint was trained on)",
+    )
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 4)"
+    )
+    seeds.add_argument("--seed-list", default=None, metavar="S1,S2,...", help="explicit seeds")
+    p.add_argument("--steps", type=int, default=20, help="DDIM denoising steps (default 20)")
+    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    p.add_argument(
+        "--eta", type=float, default=1.0, help="DDIM noise (the policy was trained with 1)"
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="images per sampling call")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads (default 1: the tiny toy models run fastest on one)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +240,86 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
     _add_config_args(train, "configs/toy.yaml")
     train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="images per taste from a base model and a trained policy")
+    _add_policy_args(gen)
+    gen.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="trained policy (RUN/checkpoints/epoch-NNNN or its policy/); default: the base model",
+    )
+    gen.add_argument(
+        "--taste",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean (repeatable; "
+        "default: every cluster, or mean for a taste-blind policy)",
+    )
+    gen.add_argument(
+        "--ratings",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a new user's ratings (table with image and score columns): their taste "
+        "is fitted without retraining (repeatable)",
+    )
+    gen.add_argument(
+        "--interpolate",
+        nargs=2,
+        metavar=("A", "B"),
+        default=None,
+        help="also generate tastes on the line from taste A to taste B",
+    )
+    gen.add_argument(
+        "--interpolate-steps",
+        type=int,
+        default=5,
+        metavar="N",
+        help="tastes on the interpolation line, ends included (default 5)",
+    )
+    gen.add_argument("--out", type=Path, default=Path("outputs/generate"), help="output directory")
+    gen.set_defaults(func=cmd_generate)
+
+    ev = sub.add_parser(
+        "evaluate", help="measure policies per taste cluster against the mean baseline"
+    )
+    _add_policy_args(ev)
+    ev.add_argument(
+        "--policy",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a trained policy checkpoint (repeatable); the base model is always included",
+    )
+    ev.add_argument(
+        "--checkpoints",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="a training run's checkpoints/ folder (epoch-NNNN), for the over-optimisation curve",
+    )
+    ev.add_argument(
+        "--toy-world",
+        type=Path,
+        default=None,
+        help="toy world folder, for gold utilities (default: the reward run's data, if a toy world)",
+    )
+    ev.add_argument(
+        "--baseline",
+        default=None,
+        help="policy to compare with (default: mean if given, else base)",
+    )
+    ev.add_argument(
+        "--curve-seeds",
+        type=int,
+        default=4,
+        metavar="N",
+        help="seeds per prompt and taste at each checkpoint of a curve (default 4)",
+    )
+    ev.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="output directory")
+    ev.set_defaults(func=cmd_evaluate)
 
     toy = sub.add_parser("toy", help="the built-in toy taste world").add_subparsers(
         dest="toy_command", required=True

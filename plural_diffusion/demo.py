@@ -7,7 +7,9 @@ policy run resumes from its last checkpoint):
   3. train the policies: `mean` (the baseline), `matched` (taste-conditioned, rewarded by the
      head of the taste it was asked for) and `maxmin` (the worst-off cluster's reward);
   4. generate for every policy on the same prompts and seeds, score with learned heads and gold
-     utilities, write metrics.json, image grids and a summary table.
+     utilities (`plural_diffusion.evaluate`), write metrics.json, image grids, a summary table and
+     report.html (`plural_diffusion.report`), with the matched policy's over-optimisation curve
+     over its training checkpoints.
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import torch
 from plural_diffusion.cache import cache_root, cached_stage
 from plural_diffusion.ddpo import latest_checkpoint
 from plural_diffusion.ddpo import train as train_policy
-from plural_diffusion.evaluate import EvalConfig, diagonal_dominance, generate, policy_metrics
+from plural_diffusion.evaluate import EvalConfig, evaluate_policies, gold_in_head_order
+from plural_diffusion.report import summary_table, write_report
 from plural_diffusion.rewards import TasteRewards
 from plural_diffusion.toyworld.prepare import ToyPrepareConfig, prepare_toy
-from plural_diffusion.toyworld.raters import gold_cluster_utility
 from plural_diffusion.toyworld.ratings import load_world
 from plural_diffusion.train_config import TrainConfig
 from plural_diffusion.visualize import save_grid
@@ -58,19 +60,6 @@ def _config_path(name: str) -> Path:
     return path if path.is_absolute() or path.exists() else CONFIGS / name
 
 
-def gold_in_head_order(world, cluster_names: list[str]):
-    """images -> gold utility [B, K] with columns in the order of the discovered clusters."""
-    gold_names = world.raters.cluster_names
-    missing = [n for n in cluster_names if n not in gold_names]
-    if missing:
-        raise UserError(
-            f"discovered clusters {cluster_names} do not match the gold clusters {gold_names} "
-            "one to one; set clusters.n_clusters to the number of gold clusters"
-        )
-    order = [gold_names.index(n) for n in cluster_names]
-    return lambda images: gold_cluster_utility(images, world.raters)[:, order]
-
-
 def stage_rewards(cfg: DemoConfig, assets, root: Path) -> Path:
     rcfg = load_config(
         RewardTrainConfig,
@@ -92,13 +81,19 @@ def stage_rewards(cfg: DemoConfig, assets, root: Path) -> Path:
     return cached_stage("toy-rewards", key, build, root=root) / "run"
 
 
+# Bump when the layout of a cached policy stage changes (2: every checkpoint, not only the last).
+POLICY_STAGE_LAYOUT = 2
+
+
 def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gold_fn, root: Path):
+    """A trained policy: `policy/` (the last checkpoint), `checkpoints/epoch-NNNN/policy` (every
+    saved one, for the over-optimisation curve), and the training logs."""
     tcfg = load_config(
         TrainConfig,
         _config_path(cfg.train_config),
         [f"base={base}", f"rewards={rewards}", f"objective={objective}", *cfg.train_overrides],
     )
-    key = {**to_dict(tcfg), "out_dir": None}
+    key = {**to_dict(tcfg), "out_dir": None, "stage_layout": POLICY_STAGE_LAYOUT}
 
     def build(tmp: Path) -> None:
         # Train in a stable work directory, so a killed run resumes from its last checkpoint.
@@ -109,6 +104,9 @@ def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gol
         last = latest_checkpoint(work / "checkpoints")
         assert last is not None, work
         shutil.copytree(last / "policy", tmp / "policy")
+        for ckpt in sorted((work / "checkpoints").glob("epoch-*")):
+            if (ckpt / "policy").is_dir():  # the LoRA and taste module; not the optimizer state
+                shutil.copytree(ckpt / "policy", tmp / "checkpoints" / ckpt.name / "policy")
         for name in ("history.json", "log.jsonl", "config.json"):
             shutil.copy2(work / name, tmp / name)
         shutil.rmtree(work, ignore_errors=True)
@@ -136,33 +134,29 @@ def run_demo(cfg: DemoConfig, out_dir: Path, cache_dir: Path | None = None) -> d
     gold_fn = gold_in_head_order(world, rewards.cluster_names)
 
     print("[3/4] training policies: " + ", ".join(cfg.policies) + " (cached)")
-    checkpoints = {}
-    for objective in cfg.policies:
-        checkpoints[objective] = stage_policy(cfg, objective, assets.base, reward_run, gold_fn, root) / "policy"
+    stages = {p: stage_policy(cfg, p, assets.base, reward_run, gold_fn, root) for p in cfg.policies}
 
     print("[4/4] generating per taste and measuring against the mean baseline")
-    metrics = {
-        "clusters": {
-            "names": rewards.cluster_names,
-            "shares": [round(float(s), 4) for s in rewards.cluster_shares],
-        },
-        "policies": {},
-    }
-    images = {}
-    for name, ckpt in {"base": None, **checkpoints}.items():
-        images[name] = generate(str(assets.base), ckpt, rewards, cfg.eval)
-        metrics["policies"][name] = policy_metrics(images[name], rewards, gold_fn)
-    if "matched" in metrics["policies"]:
-        matrix = metrics["policies"]["matched"]["cross_taste_gold"]
-        metrics["cross_taste_gold"] = matrix
-        metrics["cross_taste_diagonal_dominance"] = diagonal_dominance(matrix)
+    metrics, images = evaluate_policies(
+        str(assets.base),
+        {name: stage / "policy" for name, stage in stages.items()},
+        rewards,
+        cfg.eval,
+        gold_fn=gold_fn,
+        baseline="mean" if "mean" in stages else "base",
+        curves={"matched": stages["matched"] / "checkpoints"} if "matched" in stages else None,
+    )
     metrics["reward_heads"] = _head_summary(reward_run)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out_dir / "metrics.json", metrics)
-    _write_grids(images, rewards.cluster_names, cfg.eval, out_dir)
+    _write_grids(images, cfg.eval, out_dir)
+    report = write_report(out_dir / "report.html", metrics, images)
     print()
     print(summary_table(metrics))
-    print(f"\nwrote {out_dir / 'metrics.json'} and image grids in {out_dir} ({metrics['seconds']} s)")
+    print(
+        f"\nwrote {out_dir / 'metrics.json'} and image grids in {out_dir} ({metrics['seconds']} s)"
+    )
+    print(f"report: {report.resolve()}")
     return metrics
 
 
@@ -172,33 +166,20 @@ def _head_summary(reward_run: Path) -> dict:
     m = read_json(reward_run / "metrics.json")
     group = "known_group" if "known_group" in m["heads"]["mean"] else "discovered_cluster"
     return {
-        head: {g: round(v["pairwise_accuracy"], 3) for g, v in m["heads"][head][group]["per_group"].items()}
+        head: {
+            g: round(v["pairwise_accuracy"], 3)
+            for g, v in m["heads"][head][group]["per_group"].items()
+        }
         for head in m["heads"]
     }
 
 
-def _write_grids(images: dict, names: list[str], cfg: EvalConfig, out_dir: Path) -> None:
-    n = min(cfg.images_per_prompt, 8)
+def _write_grids(images: dict, cfg: EvalConfig, out_dir: Path) -> None:
+    n = min(len(cfg.seeds), 8)
     rows, labels = [], []
     for policy, per_taste in images.items():
         for taste, x in per_taste.items():
-            rows.append(x[:n])
+            rows.append(x[:n])  # the first prompt's images (prompt-major)
             labels.append(policy if taste == "none" else f"{policy} → {taste}")
     save_grid(torch.stack(rows), out_dir / "policies_grid.png", row_labels=labels,
               title=f"'{cfg.prompts[0]}': same seeds in every column")  # fmt: skip
-
-
-def summary_table(metrics: dict) -> str:
-    names = metrics["clusters"]["names"]
-    shares = metrics["clusters"]["shares"]
-    head = f"{'gold utility':<14}" + "".join(f"{n} ({s:.0%})".rjust(14) for n, s in zip(names, shares))
-    lines = [head + f"{'worst':>9}{'vendi':>8}"]
-    for policy, m in metrics["policies"].items():
-        gold = m.get("gold_per_cluster", {})
-        row = "".join(f"{gold.get(n, float('nan')):>14.3f}" for n in names)
-        lines.append(f"{policy:<14}{row}{m.get('worst_cluster_gold', float('nan')):>9.3f}{m['vendi']:>8.2f}")
-    if "cross_taste_gold" in metrics:
-        lines.append("\nmatched: gold utility, rows generated-for, columns scored-by")
-        for n, row in zip(names, metrics["cross_taste_gold"]):
-            lines.append(f"{n:<14}" + "".join(f"{v:>14.3f}" for v in row))
-    return "\n".join(lines)

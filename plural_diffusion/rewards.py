@@ -97,6 +97,19 @@ class TasteRewards:
                 _cluster_means(tastes, labels, len(self.cluster_names))
             )
 
+    def cluster_tastes_in(self, space: TasteSpace) -> torch.Tensor:
+        """The clusters' tastes [K, d] in `space`, whichever space this object scores in (a
+        policy trained on latent tastes is asked for clusters by their latent taste)."""
+        if space == self.space:
+            return self.cluster_tastes
+        device = self.cluster_tastes.device
+        if space == "rater":
+            return self.run.clusters.centroids.float().to(device)
+        if self.run.posteriors is None:
+            raise UserError("a latent-taste policy needs a reward run with latent.enabled=true")
+        labels, k = self.run.clusters.labels, len(self.cluster_names)
+        return _cluster_means(self.run.posteriors.mean.float(), labels, k).to(device)
+
     @property
     def taste_dim(self) -> int:
         return self.cluster_tastes.shape[1]

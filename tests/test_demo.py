@@ -1,13 +1,14 @@
-"""`plural-diffusion demo --fast`: every stage runs, metrics have the documented keys, reruns
-reuse the cached stages."""
+"""`plural-diffusion demo --fast`: every stage runs, metrics have the documented keys, the report
+is written, reruns reuse the cached stages."""
 
 import json
 import time
 
+from plural_diffusion import demo
 from plural_diffusion.demo import run_demo
 
 
-def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path):
+def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path, monkeypatch):
     metrics = run_demo(fast_demo_config, out_dir=tmp_path / "demo")
     saved = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert saved["clusters"]["names"] == ["noir", "sunny", "vivid"]
@@ -18,9 +19,24 @@ def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path
         assert m["vendi"] >= 1.0
     assert len(saved["cross_taste_gold"]) == 3 and len(saved["cross_taste_gold"][0]) == 3
     assert (tmp_path / "demo" / "policies_grid.png").stat().st_size > 1000
+    assert set(saved["policies"]["matched"]["win_rate"]["gold"]) == {"noir", "sunny", "vivid"}
+    # every checkpoint of the matched run is kept: epochs 1 and 2, after the base model (0)
+    assert saved["overoptimisation"]["matched"]["epochs"] == [0, 1, 2]
+    report = (tmp_path / "demo" / "report.html").read_text()
+    assert "Matched vs mean, per cluster" in report and "Over-optimisation" in report
     assert metrics["reward_heads"]["rater"]["sunny"] > metrics["reward_heads"]["mean"]["sunny"]
 
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a rerun trained a cached stage again")
+
+    monkeypatch.setattr(demo, "train_policy", must_not_train)
+    monkeypatch.setattr(demo, "train_rewards", must_not_train)
     t0 = time.perf_counter()
-    run_demo(fast_demo_config, out_dir=tmp_path / "again")
+    again = run_demo(fast_demo_config, out_dir=tmp_path / "again")
     rerun = time.perf_counter() - t0
-    assert rerun < metrics["seconds"] / 2, (rerun, metrics["seconds"])
+    assert rerun < metrics["seconds"], (rerun, metrics["seconds"])
+    # the same seeds give the same images, so the same figures
+    assert (
+        again["policies"]["matched"]["gold_per_cluster"]
+        == metrics["policies"]["matched"]["gold_per_cluster"]
+    )

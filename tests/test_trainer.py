@@ -251,6 +251,26 @@ def test_latent_tastes_are_posterior_draws_around_each_clusters_raters(
     meta = json.loads((tmp_path / "ckpt" / "policy" / "checkpoint.json").read_text())["metadata"]
     assert meta["taste_space"] == "latent"
 
+    # generation asks such a policy for clusters by their latent taste, and turns a new user's
+    # ratings into a taste with one pass of the latent encoder
+    from plural_diffusion.evaluate import policy_tastes
+    from plural_diffusion.generate import load_policy, resolve_taste
+    from plural_diffusion.rewards import TasteRewards
+
+    policy = load_policy(str(toy_assets.base), tmp_path / "ckpt" / "policy")
+    in_rater_space = TasteRewards(str(latent_run))
+    asked = torch.stack([t.z for t in policy_tastes(policy, in_rater_space)])
+    torch.testing.assert_close(asked, rewards.cluster_tastes.cpu())
+    scores = (toy_assets.world / "scores.csv").read_text().splitlines()
+    rater = scores[1].split(",")[1]
+    mine = [line for line in scores[1:] if line.split(",")[1] == rater][:10]
+    ratings = tmp_path / "ratings.csv"
+    ratings.write_text("image,score\n" + "".join(
+        f"{toy_assets.world / line.split(',')[0]},{line.split(',')[2]}\n" for line in mine))  # fmt: skip
+    user = resolve_taste(f"ratings:{ratings}", rewards)
+    assert user.z.shape == (rewards.taste_dim,) and torch.isfinite(user.z).all()
+    assert user.z.abs().sum() > 0  # moved off the prior mean
+
 
 def test_latent_source_without_a_latent_head_is_a_one_line_error(toy_assets, reward_run, tmp_path):
     cfg = toy_config(toy_assets, reward_run, tmp_path, "taste.source=latents")

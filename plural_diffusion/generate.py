@@ -1,0 +1,422 @@
+"""`plural-diffusion generate`: images per taste from a base model and an optional trained policy.
+
+A taste is a vector z in the reward run's taste space, named on the command line as
+
+    cluster:NAME_OR_INDEX   a taste cluster's centroid            (cluster:noir, cluster:0)
+    rater:ID                a known rater's learned taste          (rater:rater_007)
+    ratings:FILE            a new user's taste, fitted to a few of their ratings without
+                            retraining (`reward_models.personalize`; also `--ratings FILE`)
+    mean                    the null taste: "no preference"
+
+Every image is fixed by (taste, prompt, seed) alone: its initial noise and the noise of every
+DDIM step come from its own generator seeded with `seed`. The same seed under two tastes, or two
+policies, therefore differs only by what the taste (or the policy) changed, and an image does not
+depend on which other images shared its batch (beyond float rounding: CPU kernels may sum in
+another order for another batch size).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
+
+from plural_diffusion.backbone import CHECKPOINT_JSON, TASTE_DIR, load_checkpoint, load_pipeline
+from plural_diffusion.conditioning import TasteConditioner
+from plural_diffusion.sampling import SamplingConfig, sample
+from plural_diffusion.visualize import save_grid
+from reward_models.errors import UserError
+from reward_models.io import atomic_path, read_json, write_json
+
+TASTE_FORMS = "cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean"
+NULL_SPECS = ("mean", "null", "none")
+
+
+@dataclass
+class Taste:
+    """One taste to generate for: a label for people, the spec it came from, and z."""
+
+    label: str  # "noir", "rater rater_007", "user my_ratings.csv", "mean"
+    spec: str  # as given: "cluster:noir"
+    z: torch.Tensor | None  # [d]; None = the null taste (no preference)
+
+
+@dataclass
+class Policy:
+    """A loaded policy: the pipeline (LoRA applied, if any) and its taste conditioner."""
+
+    pipe: object  # StableDiffusionPipeline
+    conditioner: TasteConditioner | None
+    base: str
+    checkpoint: Path | None  # None: the base model
+
+
+# --------------------------------------------------------------------------------- policies
+def policy_dir(path: str | Path) -> Path:
+    """The LoRA checkpoint directory a user named: a `policy/` dir, or a dir holding one
+    (a trainer's `checkpoints/epoch-0012`, a demo policy stage)."""
+    path = Path(path)
+    if (path / CHECKPOINT_JSON).is_file():
+        return path
+    if (path / "policy" / CHECKPOINT_JSON).is_file():
+        return path / "policy"
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint directory not found")
+    raise UserError(
+        f"{path}: not a policy checkpoint (no {CHECKPOINT_JSON} in it or in policy/); point at "
+        "RUN/checkpoints/epoch-NNNN from `plural-diffusion train`"
+    )
+
+
+def checkpoint_config(checkpoint: Path | None) -> dict:
+    """The training config stored in a checkpoint (base, rewards, prompts, ...), or {}."""
+    if checkpoint is None:
+        return {}
+    meta = read_json(checkpoint / CHECKPOINT_JSON).get("metadata", {})
+    return meta.get("config", {}) if isinstance(meta, dict) else {}
+
+
+def taste_space(checkpoint: Path | None) -> str:
+    """The taste space a checkpoint's conditioner reads ("rater" or "latent"; see TasteRewards)."""
+    if checkpoint is None:
+        return "rater"
+    meta = read_json(checkpoint / CHECKPOINT_JSON).get("metadata", {})
+    return meta.get("taste_space", "rater") if isinstance(meta, dict) else "rater"
+
+
+def load_policy(base: str, checkpoint: str | Path | None = None, device="cpu") -> Policy:
+    """The base pipeline with a trained checkpoint's LoRA and taste conditioner (if given)."""
+    policy = Policy(load_pipeline(base, device=device), None, str(base), None)
+    if checkpoint is not None:
+        swap_checkpoint(policy, checkpoint)
+    policy.pipe.unet.eval().requires_grad_(False)
+    return policy
+
+
+def swap_checkpoint(policy: Policy, checkpoint: str | Path) -> Policy:
+    """Load another checkpoint of the same kind (LoRA rank, taste module or not) into a loaded
+    policy, in place: a run's checkpoints one after another without reloading the pipeline."""
+    ckpt = policy_dir(checkpoint)
+    unet = policy.pipe.unet
+    _, conditioner = load_checkpoint(ckpt, unet)
+    if policy.checkpoint is not None and (conditioner is None) != (policy.conditioner is None):
+        raise UserError(
+            f"{ckpt}: taste-conditioned and taste-blind checkpoints cannot share a pipeline; "
+            "load it with load_policy"
+        )
+    if conditioner is not None:
+        conditioner = conditioner.to(unet.device).eval().requires_grad_(False)
+        conditioner.attach(unet)
+    unet.requires_grad_(False)
+    policy.conditioner, policy.checkpoint = conditioner, ckpt
+    return policy
+
+
+# --------------------------------------------------------------------------------- tastes
+def resolve_taste(spec: str, rewards=None) -> Taste:
+    """A taste from its spec (see the module docstring); `rewards` is a `TasteRewards`."""
+    spec = spec.strip()
+    kind, _, value = spec.partition(":")
+    if spec in NULL_SPECS:
+        return Taste("mean", spec, None)
+    if kind not in ("cluster", "rater", "ratings") or not value:
+        raise UserError(f"taste {spec!r}: use {TASTE_FORMS}")
+    if rewards is None:
+        raise UserError(
+            f"taste {spec!r} needs the reward run: pass --rewards RUN_DIR (the one the policy "
+            "was trained with)"
+        )
+    if kind == "cluster":
+        names = rewards.cluster_names
+        if value in names:
+            k = names.index(value)
+        elif value.isdigit() and int(value) < len(names):
+            k = int(value)
+        else:
+            raise UserError(
+                f"unknown cluster {value!r}; known: {', '.join(names)} "
+                f"(or an index 0..{len(names) - 1})"
+            )
+        return Taste(names[k], spec, rewards.cluster_tastes[k].detach().cpu())
+    if kind == "rater":
+        ids = rewards.rater_ids
+        if value not in ids:
+            close = [r for r in ids if value in r][:3] or ids[:3]
+            raise UserError(
+                f"unknown rater {value!r}; e.g. {', '.join(close)} ({len(ids)} raters, listed in "
+                "the reward run's raters.json)"
+            )
+        return Taste(f"rater {value}", spec, rewards.rater_tastes[ids.index(value)].detach().cpu())
+    return taste_from_ratings_file(value, rewards, spec)
+
+
+def taste_from_ratings_file(path: str | Path, rewards, spec: str | None = None) -> Taste:
+    """A new user's taste, MAP-fitted to their ratings file under the frozen rater head."""
+    from reward_models.personalize import taste_from_ratings
+
+    if rewards is None:
+        raise UserError("--ratings needs the reward run: pass --rewards RUN_DIR")
+    if rewards.space == "latent":  # the policy reads latent tastes: the encoder's posterior mean
+        from reward_models.personalize import latent_taste_from_ratings
+
+        z = latent_taste_from_ratings(rewards.run, path, rewards.encoder).mean[0]
+    else:
+        z = taste_from_ratings(rewards.run, path, encoder=rewards.encoder).z
+    return Taste(f"user {Path(path).name}", spec or f"ratings:{path}", z.detach().cpu())
+
+
+def interpolate(a: Taste, b: Taste, steps: int, null: torch.Tensor | None) -> list[Taste]:
+    """`steps` tastes on the line from a to b (both included); `null` [d] stands in for the
+    null taste (the conditioner's learned vector)."""
+    if steps < 2:
+        raise UserError(f"--interpolate-steps {steps}: need at least 2 (the two ends)")
+    ends = [a.z, b.z]
+    if any(z is None for z in ends):
+        if null is None:
+            raise UserError("interpolating to 'mean' needs a taste-conditioned checkpoint")
+        ends = [null if z is None else z for z in ends]
+    out = []
+    for i in range(steps):
+        t = i / (steps - 1)
+        label = (
+            a.label
+            if i == 0
+            else b.label
+            if i == steps - 1
+            else f"{1 - t:.2f} {a.label} + {t:.2f} {b.label}"
+        )
+        out.append(Taste(label, f"{a.spec}..{b.spec}@{t:.3f}", (1 - t) * ends[0] + t * ends[1]))
+    return out
+
+
+def check_tastes(
+    conditioner: TasteConditioner | None, checkpoint: Path | None, tastes: list[Taste]
+) -> None:
+    """A taste needs a taste-conditioned checkpoint whose z has the tastes' dimension."""
+    wanted = [t for t in tastes if t.z is not None]
+    if not wanted:
+        return
+    if conditioner is None:
+        what = "the base model" if checkpoint is None else f"checkpoint {checkpoint}"
+        raise UserError(
+            f"{what} has no taste conditioner (a taste-blind policy), so it cannot generate for "
+            f"taste {wanted[0].spec!r}; use --taste mean or a checkpoint trained with "
+            "objective=matched"
+        )
+    d = conditioner.config.taste_dim
+    if wanted[0].z.shape != (d,):
+        raise UserError(
+            f"taste {wanted[0].spec!r} has {wanted[0].z.numel()} dims but the checkpoint's "
+            f"conditioner reads {d}; use the reward run the policy was trained with"
+        )
+
+
+# --------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def generate_images(
+    policy: Policy,
+    prompts: list[str],
+    tastes: list[Taste],
+    seeds: list[int],
+    sampling: SamplingConfig,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Images [T, P, S, 3, H, W] in [0, 1] for every (taste, prompt, seed)."""
+    if not prompts or not tastes or not seeds:
+        raise UserError("need at least one prompt, one taste and one seed")
+    if batch_size < 1:
+        raise UserError(f"batch size {batch_size}: must be >= 1")
+    check_tastes(policy.conditioner, policy.checkpoint, tastes)
+    pipe, conditioner = policy.pipe, policy.conditioner
+    unet, device = pipe.unet, pipe.unet.device
+    latent_shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    rows = [
+        (t, p, s)
+        for p in range(len(prompts))
+        for t in range(len(tastes))
+        for s in range(len(seeds))
+    ]
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    bar = tqdm(total=len(rows), unit="img", desc="generating", disable=not progress, leave=False)
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        # one generator per image: its initial noise, then its DDIM step noise
+        gens = [torch.Generator().manual_seed(int(seeds[s])) for _, _, s in chunk]
+        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in gens]).to(device)
+        embeds, negative = pipe.encode_prompt(
+            [prompts[p] for _, p, _ in chunk], device, 1, True, [""] * len(chunk)
+        )
+        z = None
+        if conditioner is not None:
+            null = conditioner.null.detach()
+            z = torch.stack(
+                [null if tastes[t].z is None else tastes[t].z.to(null) for t, _, _ in chunk]
+            )
+        traj = sample(unet, conditioner, pipe.vae, pipe.scheduler, embeds, negative, z, sampling,
+                      generator=gens, init_latents=noise)  # fmt: skip
+        for i, row in enumerate(range(start, start + len(chunk))):
+            out[row] = traj.images[i].cpu()
+        bar.update(len(chunk))
+    bar.close()
+    images = torch.stack(out)  # [P * T * S, 3, H, W], prompt-major
+    images = images.view(len(prompts), len(tastes), len(seeds), *images.shape[1:])
+    return images.transpose(0, 1).contiguous()  # [T, P, S, 3, H, W]
+
+
+# --------------------------------------------------------------------------------- files
+def slug(text: str, limit: int = 40) -> str:
+    """A file-name-safe version of `text`: 'an image of one circle' -> 'an-image-of-one-circle'."""
+    s = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+    return s[:limit].rstrip("-") or "x"
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """[3, H, W] in [0, 1] -> an RGB PIL image."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    return Image.fromarray(array)
+
+
+def save_png(image: torch.Tensor, path: Path, text: dict[str, str]) -> None:
+    """Write one image as PNG, atomically, with `text` as PNG tEXt/iTXt metadata."""
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, str(value))
+    with atomic_path(path) as tmp:
+        to_pil(image).save(tmp, format="PNG", pnginfo=info)
+
+
+def write_outputs(
+    images: torch.Tensor,
+    policy: Policy,
+    prompts: list[str],
+    tastes: list[Taste],
+    seeds: list[int],
+    sampling: SamplingConfig,
+    out_dir: str | Path,
+) -> dict:
+    """One PNG per (taste, prompt, seed), a labelled grid per prompt (rows tastes, columns
+    seeds) and manifest.json listing them; returns the manifest."""
+    out_dir = Path(out_dir)
+    checkpoint = "none (base model)" if policy.checkpoint is None else str(policy.checkpoint)
+    manifest = {
+        "base": policy.base,
+        "checkpoint": checkpoint,
+        "sampling": {
+            "steps": sampling.steps,
+            "guidance": sampling.guidance_scale,
+            "eta": sampling.eta,
+        },
+        "tastes": [
+            {"label": t.label, "spec": t.spec, "z": None if t.z is None else t.z.tolist()}
+            for t in tastes
+        ],
+        "prompts": [],
+    }
+    for p, prompt in enumerate(prompts):
+        folder = out_dir / f"p{p}-{slug(prompt)}"
+        files = []
+        for t, taste in enumerate(tastes):
+            for s, seed in enumerate(seeds):
+                path = folder / f"t{t}-{slug(taste.label)}-seed{seed}.png"
+                save_png(images[t, p, s], path, {
+                    "prompt": prompt, "taste": taste.label, "taste_spec": taste.spec,
+                    "taste_vector": json.dumps(None if taste.z is None else [round(v, 6) for v in taste.z.tolist()]),
+                    "seed": seed, "checkpoint": checkpoint, "base": policy.base,
+                    "steps": sampling.steps, "guidance": sampling.guidance_scale, "eta": sampling.eta,
+                    "software": "plural-diffusion generate",
+                })  # fmt: skip
+                files.append(
+                    {"taste": taste.label, "seed": seed, "file": str(path.relative_to(out_dir))}
+                )
+        grid = out_dir / f"grid-p{p}-{slug(prompt)}.png"
+        size = images.shape[-1]
+        save_grid(images[:, p], grid, row_labels=[t.label for t in tastes],
+                  col_labels=[f"seed {s}" for s in seeds], title=f"'{prompt}'",
+                  cell_inches=0.9 if size <= 64 else 1.6)  # fmt: skip
+        manifest["prompts"].append({"prompt": prompt, "grid": grid.name, "images": files})
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def parse_seeds(n: int | None, seed_list: str | None) -> list[int]:
+    """Seeds from `--seeds N` (0..N-1) or `--seed-list 3,7,11`."""
+    if seed_list is not None:
+        try:
+            seeds = [int(s) for s in seed_list.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise UserError(f"--seed-list {seed_list!r}: expected integers like 3,7,11") from None
+        if not seeds or any(s < 0 for s in seeds):
+            raise UserError(f"--seed-list {seed_list!r}: expected non-negative integers")
+        return seeds
+    n = 4 if n is None else n
+    if n < 1:
+        raise UserError(f"--seeds {n}: need at least 1")
+    return list(range(n))
+
+
+def run_generate(
+    base: str | None,
+    checkpoint: str | Path | None,
+    rewards_dir: str | Path | None,
+    taste_specs: list[str],
+    ratings: list[str],
+    interpolate_pair: list[str] | None,
+    interpolate_steps: int,
+    prompts: list[str],
+    seeds: list[int],
+    sampling: SamplingConfig,
+    out_dir: str | Path,
+    batch_size: int = 16,
+    device: str = "cpu",
+    progress: bool = True,
+) -> dict:
+    """What `plural-diffusion generate` does; base, rewards and prompts default to the ones the
+    checkpoint was trained with."""
+    from plural_diffusion.rewards import TasteRewards
+
+    ckpt = policy_dir(checkpoint) if checkpoint is not None else None
+    trained = checkpoint_config(ckpt)
+    base = base or trained.get("base")
+    if not base:
+        raise UserError("no base model: pass --base DIR_OR_HUB_ID")
+    prompts = prompts or trained.get("prompts", [])[:2]
+    if not prompts:
+        raise UserError('no prompts: pass --prompt "..." (repeatable)')
+    conditioned = ckpt is not None and (ckpt / TASTE_DIR).is_dir()
+
+    specs = list(taste_specs) + [f"ratings:{r}" for r in ratings]
+    # no taste named: every cluster for a taste-conditioned policy, the null taste otherwise
+    every_cluster = not specs and not interpolate_pair and conditioned
+    if not specs and not interpolate_pair and not conditioned:
+        specs = ["mean"]
+    named = specs + list(interpolate_pair or [])
+    rewards = None
+    if every_cluster or any(s.strip() not in NULL_SPECS for s in named):
+        rewards_dir = rewards_dir or trained.get("rewards")
+        if not rewards_dir:
+            raise UserError("tastes other than 'mean' need the reward run: pass --rewards RUN_DIR")
+        if not Path(rewards_dir).exists():
+            raise UserError(f"{rewards_dir}: reward run not found; pass --rewards RUN_DIR")
+        rewards = TasteRewards(str(rewards_dir), device=device, space=taste_space(ckpt))
+    if every_cluster:
+        specs = [f"cluster:{name}" for name in rewards.cluster_names]
+    # resolve (and reject unknown ids) before the slow part: loading the pipeline
+    tastes = [resolve_taste(s, rewards) for s in specs]
+    ends = [resolve_taste(s, rewards) for s in interpolate_pair or []]
+    if not conditioned:
+        check_tastes(None, ckpt, tastes + ends)  # a taste-blind policy takes only 'mean'
+
+    policy = load_policy(base, ckpt, device=device)
+    if ends:
+        null = None if policy.conditioner is None else policy.conditioner.null.detach().cpu()
+        tastes += interpolate(ends[0], ends[1], interpolate_steps, null)
+
+    images = generate_images(policy, prompts, tastes, seeds, sampling, batch_size, progress)
+    return write_outputs(images, policy, prompts, tastes, seeds, sampling, out_dir)

@@ -1,0 +1,127 @@
+"""`plural-diffusion generate`: a PNG per (taste, prompt, seed) with its provenance in the PNG
+metadata, a labelled grid per prompt, tastes from clusters, raters, a new user's ratings and
+interpolation, and one-line errors for unknown ids or a taste the policy cannot take."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from plural_diffusion.cli import main as pd_main
+from plural_diffusion.ddpo import train
+from plural_diffusion.demo import CONFIGS
+from plural_diffusion.train_config import TrainConfig
+from reward_models.config import load_config
+
+PROMPT = "an image of one circle"
+
+
+@pytest.fixture(scope="module")
+def matched_run(toy_assets, reward_run, tmp_path_factory):
+    """A taste-conditioned policy trained for two tiny epochs, a checkpoint after each."""
+    out = tmp_path_factory.mktemp("matched")
+    cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", [
+        f"base={toy_assets.base}", f"rewards={reward_run}", f"out_dir={out}", "objective=matched",
+        "epochs=2", "save_every=1", "lr=0.01", "sampling.steps=4", "draft.batch_size=6",
+        "draft.steps_per_epoch=1", "tensorboard=false",
+    ])  # fmt: skip
+    train(cfg, progress=False)
+    return out
+
+
+def run(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        pd_main(argv)
+    return e.value.code, capsys.readouterr()
+
+
+def generate(args, out, capsys):
+    code, printed = run(
+        ["generate", "--prompt", PROMPT, "--steps", "4", "--out", str(out), *args], capsys
+    )
+    assert code == 0, printed.err
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_every_taste_and_seed_gets_a_png_with_provenance_and_the_prompt_a_grid(
+    matched_run, tmp_path, capsys
+):
+    checkpoint = matched_run / "checkpoints" / "epoch-0002"
+    tastes = ["cluster:noir", "cluster:2", "rater:rater_000", "mean"]
+    args = ["--checkpoint", str(checkpoint), "--seed-list", "3,5"]
+    manifest = generate(
+        [*args, *[a for t in tastes for a in ("--taste", t)]], tmp_path / "a", capsys
+    )
+
+    assert [t["label"] for t in manifest["tastes"]] == ["noir", "vivid", "rater rater_000", "mean"]
+    files = manifest["prompts"][0]["images"]
+    assert len(files) == 4 * 2  # tastes x seeds, one prompt
+    vivid = next(f for f in files if f["taste"] == "vivid" and f["seed"] == 5)
+    png = Image.open(tmp_path / "a" / vivid["file"])
+    assert png.size == (32, 32)
+    assert png.text["prompt"] == PROMPT and png.text["seed"] == "5"
+    assert png.text["taste"] == "vivid" and png.text["taste_spec"] == "cluster:2"
+    assert png.text["checkpoint"] == str(checkpoint / "policy")
+    assert len(json.loads(png.text["taste_vector"])) == 8  # the reward run's taste dimension
+    assert json.loads(Image.open(tmp_path / "a" / files[-1]["file"]).text["taste_vector"]) is None
+    grid = tmp_path / "a" / manifest["prompts"][0]["grid"]
+    assert Image.open(grid).size[0] > 2 * 32  # labelled rows x seed columns
+
+    # an image is fixed by (taste, prompt, seed): alone in its batch it comes out the same, up
+    # to float rounding (CPU kernels sum in another order for another batch size)
+    again = generate(
+        [*args[:2], "--seed-list", "5", "--taste", "cluster:vivid"], tmp_path / "b", capsys
+    )
+    alone = Image.open(tmp_path / "b" / again["prompts"][0]["images"][0]["file"])
+    difference = np.abs(np.asarray(alone, dtype=int) - np.asarray(png, dtype=int))
+    assert difference.max() <= 2 and (difference > 0).mean() < 0.01, difference.max()
+
+
+def test_a_new_users_ratings_and_an_interpolation_become_tastes(
+    matched_run, reward_run, tmp_path, capsys
+):
+    world = json.loads((reward_run / "config.json").read_text())["data"]["path"]
+    scores = pd.read_csv(f"{world}/scores.csv")
+    mine = scores[scores.rater_id == "rater_036"].head(10)
+    table = tmp_path / "my_ratings.csv"
+    pd.DataFrame({"image": [f"{world}/{i}" for i in mine.image], "score": mine.score}).to_csv(
+        table, index=False
+    )
+    args = ["--checkpoint", str(matched_run / "checkpoints" / "epoch-0001"), "--seeds", "1",
+            "--ratings", str(table), "--interpolate", "cluster:noir", "cluster:sunny",
+            "--interpolate-steps", "3"]  # fmt: skip
+    manifest = generate(args, tmp_path / "out", capsys)
+    labels = [t["label"] for t in manifest["tastes"]]
+    assert labels == ["user my_ratings.csv", "noir", "0.50 noir + 0.50 sunny", "sunny"]
+    z = {t["label"]: torch.tensor(t["z"]) for t in manifest["tastes"]}
+    torch.testing.assert_close(z["0.50 noir + 0.50 sunny"], (z["noir"] + z["sunny"]) / 2)
+    assert len(manifest["prompts"][0]["images"]) == 4
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--taste", "cluster:nope"], "unknown cluster 'nope'; known: noir, sunny, vivid"),
+        (["--taste", "rater:nobody"], "unknown rater 'nobody'; e.g. rater_000, rater_001"),
+        (["--taste", "sunny"], "use cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean"),
+        (["--no-checkpoint", "--taste", "cluster:noir"], "the base model has no taste conditioner"),
+        (["--checkpoint", "/no/such/run"], "/no/such/run: checkpoint directory not found"),
+        (["--ratings", "/no/ratings.csv"], "/no/ratings.csv: file not found"),
+    ],
+)
+def test_bad_tastes_and_paths_are_one_line_errors(
+    matched_run, toy_assets, reward_run, tmp_path, capsys, args, message
+):
+    common = ["generate", "--base", str(toy_assets.base), "--rewards", str(reward_run),
+              "--prompt", PROMPT, "--out", str(tmp_path)]  # fmt: skip
+    if args[0] == "--no-checkpoint":
+        args = args[1:]
+    elif args[0] != "--checkpoint":
+        common += ["--checkpoint", str(matched_run / "checkpoints" / "epoch-0001")]
+    code, printed = run([*common, *args], capsys)
+    assert code == 2
+    assert message in printed.err
+    assert printed.err.count("\n") == 1 and "Traceback" not in printed.err
