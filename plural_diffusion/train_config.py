@@ -45,9 +45,11 @@ class DDPOSettings:
     sample_batch_size: int = 12  # images per sampling batch
     sample_batches: int = 2  # sampling batches per epoch
     train_batch_size: int = 12
-    inner_epochs: int = 1
+    inner_epochs: int = 2  # passes over each epoch's samples (see benchmarks/ddpo_sweep_toy.py)
     timestep_fraction: float = 1.0  # of the trainable denoising steps, per minibatch
-    clip_range: float = 1e-3  # PPO ratio clipping
+    # PPO ratio clipping. The log-prob is averaged over the latent's elements (as in DDPO's
+    # reference), so 1e-3 per element is ~0.26 nats for a whole 4x8x8 toy latent.
+    clip_range: float = 1e-3
     adv_clip_max: float = 5.0
     stat_buffer: int = 64  # rewards remembered per (prompt, taste) key
     stat_min_count: int = 8  # below this many, a key uses the batch's statistics
