@@ -133,6 +133,17 @@ def _gmm(x: np.ndarray, k: int, cfg: ClusterConfig) -> GaussianMixture:
     ).fit(x)
 
 
+def gmm_by_bic(
+    x: np.ndarray, max_components: int, cfg: ClusterConfig
+) -> tuple[GaussianMixture, dict[int, float]]:
+    """The Gaussian mixture over points x [N, d] whose K in 1..min(max_components, N - 1) has
+    the lowest BIC, and the BIC of every K tried."""
+    # a k-component mixture needs > k points to have a finite likelihood; k=1 always fits
+    fits = {k: _gmm(x, k, cfg) for k in range(1, max(1, min(max_components, len(x) - 1)) + 1)}
+    bic = {k: float(model.bic(x)) for k, model in fits.items()}
+    return fits[min(bic, key=bic.get)], bic
+
+
 def fit_clusters(
     tastes: torch.Tensor,
     cfg: ClusterConfig | None = None,
@@ -154,10 +165,8 @@ def fit_clusters(
     bic: dict[int, float] = {}
     k = cfg.n_clusters
     if k is None:
-        # a k-component mixture needs > k points to have a finite likelihood; k=1 always fits
-        for k_try in range(1, max(1, min(cfg.max_clusters, n_raters - 1)) + 1):
-            bic[k_try] = float(_gmm(x, k_try, cfg).bic(x))
-        k = min(bic, key=bic.get)
+        best, bic = gmm_by_bic(x, cfg.max_clusters, cfg)
+        k = best.n_components
     if not 1 <= k <= n_raters:
         raise UserError(
             f"cannot make {k} taste clusters from {n_raters} raters; ask for 1..{n_raters}"

@@ -24,7 +24,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from reward_models.clusters import ClusterConfig, _gmm
+from reward_models.clusters import ClusterConfig, gmm_by_bic
 from reward_models.errors import UserError
 from reward_models.heads import RewardHead
 from reward_models.social_choice.profile import Profile
@@ -76,12 +76,7 @@ def fit_taste_density(tastes: torch.Tensor, cfg: ElectorateConfig) -> TasteDensi
     x = tastes.detach().double().cpu().numpy()
     # the same mixture as the taste clusters (clusters.py), so one K means one thing
     gmm_cfg = ClusterConfig(covariance_type="diag", n_init=cfg.n_init, seed=cfg.seed)
-    # a K-component mixture needs more than K points for a finite likelihood
-    fits = {
-        k: _gmm(x, k, gmm_cfg) for k in range(1, max(1, min(cfg.max_components, len(x) - 1)) + 1)
-    }
-    bic = {k: float(model.bic(x)) for k, model in fits.items()}
-    best = fits[min(bic, key=bic.get)]
+    best, bic = gmm_by_bic(x, cfg.max_components, gmm_cfg)
     return TasteDensity(best.means_, best.covariances_, best.weights_, bic)
 
 
