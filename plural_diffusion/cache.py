@@ -1,5 +1,9 @@
 """A cache of finished stages (toy world, tiny models, trained heads), keyed by config hash.
 
+A stage's key holds its config and a fingerprint of the code that builds it (`code_fingerprint`
+of the modules it runs), so editing that code retires its cached stages instead of serving
+results the new code would not produce.
+
 A stage directory is complete only when it holds a manifest listing every file with its size and
 sha256, written last. A directory without one (a run killed mid-way) or whose files disagree with
 it (a corrupt file) is rebuilt, never used. Stages are built in a temporary sibling directory and
@@ -31,6 +35,23 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache") / "plural-diffusion"
+
+
+def code_fingerprint(*modules: str) -> str:
+    """sha256 (12 hex digits) of the source of the named modules or packages (every .py file
+    under a package), e.g. code_fingerprint("plural_diffusion.ddpo", "reward_models")."""
+    import importlib.util
+
+    digest = hashlib.sha256()
+    for name in sorted(modules):
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.origin is not None, name
+        origin = Path(spec.origin)
+        files = sorted(origin.parent.rglob("*.py")) if origin.name == "__init__.py" else [origin]
+        for path in files:
+            digest.update(f"{name}:{path.relative_to(origin.parent)}\n".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def config_hash(config: dict) -> str:

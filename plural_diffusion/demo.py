@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from plural_diffusion.cache import cache_root, cached_stage
+from plural_diffusion.cache import cache_root, cached_stage, code_fingerprint
 from plural_diffusion.ddpo import latest_checkpoint
 from plural_diffusion.ddpo import train as train_policy
 from plural_diffusion.evaluate import EvalConfig, evaluate_policies, gold_in_head_order
@@ -77,12 +77,20 @@ def stage_rewards(cfg: DemoConfig, assets, root: Path) -> Path:
         train_rewards(dataclasses.replace(rcfg, out_dir=str(tmp / "run")))
         write_json(tmp / "run" / "metrics.json", evaluate(tmp / "run"))
 
-    key = {**to_dict(rcfg), "out_dir": None}
+    key = {**to_dict(rcfg), "out_dir": None, "code": code_fingerprint("reward_models")}
     return cached_stage("toy-rewards", key, build, root=root) / "run"
 
 
 # Bump when the layout of a cached policy stage changes (2: every checkpoint, not only the last).
 POLICY_STAGE_LAYOUT = 2
+
+
+# the modules a policy stage runs (with the reward heads it scores with)
+POLICY_CODE = (
+    "plural_diffusion.advantages", "plural_diffusion.backbone", "plural_diffusion.conditioning",
+    "plural_diffusion.ddim", "plural_diffusion.ddpo", "plural_diffusion.rewards",
+    "plural_diffusion.sampling", "plural_diffusion.train_config", "reward_models",
+)  # fmt: skip
 
 
 def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gold_fn, root: Path):
@@ -93,7 +101,8 @@ def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gol
         _config_path(cfg.train_config),
         [f"base={base}", f"rewards={rewards}", f"objective={objective}", *cfg.train_overrides],
     )
-    key = {**to_dict(tcfg), "out_dir": None, "stage_layout": POLICY_STAGE_LAYOUT}
+    key = {**to_dict(tcfg), "out_dir": None, "stage_layout": POLICY_STAGE_LAYOUT,
+           "code": code_fingerprint(*POLICY_CODE)}  # fmt: skip
 
     def build(tmp: Path) -> None:
         # Train in a stable work directory, so a killed run resumes from its last checkpoint.

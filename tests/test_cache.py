@@ -54,3 +54,22 @@ def test_stage_without_manifest_is_rebuilt(tmp_path):
     assert verify(path) == "no manifest (an interrupted build?)"
     cached_stage("thing", {"x": 1}, make_builder(calls), root=tmp_path)
     assert len(calls) == 2
+
+
+def test_code_fingerprint_follows_the_source_of_the_named_modules(tmp_path, monkeypatch):
+    import sys
+
+    from plural_diffusion.cache import code_fingerprint
+
+    package = tmp_path / "fp_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("X = 1\n")
+    (package / "b.py").write_text("Y = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    whole, only_a = code_fingerprint("fp_pkg"), code_fingerprint("fp_pkg.a")
+    assert code_fingerprint("fp_pkg") == whole  # stable
+    (package / "b.py").write_text("Y = 2\n")
+    assert code_fingerprint("fp_pkg") != whole  # a package covers every module in it
+    assert code_fingerprint("fp_pkg.a") == only_a  # a module covers only itself
+    sys.modules.pop("fp_pkg", None)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from plural_diffusion.cache import cached_stage
+from plural_diffusion.cache import cached_stage, code_fingerprint
 from plural_diffusion.toyworld.base import ToyBaseConfig, train_toy_base
 from plural_diffusion.toyworld.clip import ToyClipConfig, train_toy_clip
 from plural_diffusion.toyworld.ratings import ToyWorldConfig, write_world
@@ -35,6 +35,15 @@ class ToyAssets:
 
 
 STAGES = ("world", "clip", "base")
+_WORLD = ("plural_diffusion.toyworld.images", "plural_diffusion.toyworld.raters",
+          "plural_diffusion.toyworld.ratings")  # fmt: skip
+# the modules each stage runs: an edit to them rebuilds the stage (see cache.code_fingerprint)
+STAGE_CODE = {
+    "toy-world": _WORLD,
+    "toy-clip": (*_WORLD, "plural_diffusion.toyworld.clip"),
+    "toy-base": (*_WORLD, "plural_diffusion.toyworld.base", "plural_diffusion.toyworld.vae",
+                 "plural_diffusion.toyworld.tokenizer"),  # fmt: skip
+}
 
 
 def prepare_toy(
@@ -50,7 +59,8 @@ def prepare_toy(
 
     def stage(name, stage_cfg, build):
         t0 = time.perf_counter()
-        path = cached_stage(name, to_dict(stage_cfg), build, root=root, rebuild=rebuild)
+        key = {**to_dict(stage_cfg), "code": code_fingerprint(*STAGE_CODE[name])}
+        path = cached_stage(name, key, build, root=root, rebuild=rebuild)
         seconds[name] = round(time.perf_counter() - t0, 2)
         return path
 
