@@ -74,20 +74,22 @@ def policy_dir(path: str | Path) -> Path:
     )
 
 
-def checkpoint_config(checkpoint: Path | None) -> dict:
-    """The training config stored in a checkpoint (base, rewards, prompts, ...), or {}."""
+def _trainer_metadata(checkpoint: Path | None) -> dict:
+    """What the trainer stored in a checkpoint's checkpoint.json (config, taste space, ...)."""
     if checkpoint is None:
         return {}
     meta = read_json(checkpoint / CHECKPOINT_JSON).get("metadata", {})
-    return meta.get("config", {}) if isinstance(meta, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def checkpoint_config(checkpoint: Path | None) -> dict:
+    """The training config stored in a checkpoint (base, rewards, prompts, ...), or {}."""
+    return _trainer_metadata(checkpoint).get("config", {})
 
 
 def taste_space(checkpoint: Path | None) -> str:
     """The taste space a checkpoint's conditioner reads ("rater" or "latent"; see TasteRewards)."""
-    if checkpoint is None:
-        return "rater"
-    meta = read_json(checkpoint / CHECKPOINT_JSON).get("metadata", {})
-    return meta.get("taste_space", "rater") if isinstance(meta, dict) else "rater"
+    return _trainer_metadata(checkpoint).get("taste_space", "rater")
 
 
 def load_policy(base: str, checkpoint: str | Path | None = None, device="cpu") -> Policy:

@@ -50,6 +50,7 @@ class TasteRewards:
         the taste-blind `mean` objective with, in place of the run's own mean head."""
         self.run = load_run(run_dir)
         self.space = space
+        self.device = torch.device(device)
         clip = self.run.cfg.clip
         self.encoder = load_clip(clip.model, clip.pretrained, device=str(device))
         self.encoder.model.requires_grad_(False)
@@ -74,15 +75,12 @@ class TasteRewards:
             self.taste_head = self.run.latent.to(device).requires_grad_(False)
             self.rater_tastes = self.run.posteriors.mean.float().to(device)  # [R, d]
             self.rater_taste_var = self.run.posteriors.var.float().to(device)  # [R, d]
-            self.cluster_tastes = _cluster_means(
-                self.rater_tastes, labels, len(self.cluster_names)
-            )  # [K, d]
         elif space == "rater":
             self.taste_head = self.rater_head
             self.rater_tastes = self.rater_head.rater_tastes().float().to(device)  # [R, d]
-            self.cluster_tastes = self.run.clusters.centroids.float().to(device)  # [K, d]
         else:
             raise UserError(f"unknown taste space {space!r}; use rater or latent")
+        self.cluster_tastes = self.cluster_tastes_in(space)  # [K, d]
         self.cluster_members = [
             (labels == k).nonzero()[:, 0] for k in range(len(self.cluster_names))
         ]
@@ -99,16 +97,14 @@ class TasteRewards:
 
     def cluster_tastes_in(self, space: TasteSpace) -> torch.Tensor:
         """The clusters' tastes [K, d] in `space`, whichever space this object scores in (a
-        policy trained on latent tastes is asked for clusters by their latent taste)."""
-        if space == self.space:
-            return self.cluster_tastes
-        device = self.cluster_tastes.device
+        policy trained on latent tastes is asked for clusters by their latent taste): the
+        rater head's cluster centroids, or the mean of each cluster's posterior means."""
         if space == "rater":
-            return self.run.clusters.centroids.float().to(device)
+            return self.run.clusters.centroids.float().to(self.device)
         if self.run.posteriors is None:
             raise UserError("a latent-taste policy needs a reward run with latent.enabled=true")
         labels, k = self.run.clusters.labels, len(self.cluster_names)
-        return _cluster_means(self.run.posteriors.mean.float(), labels, k).to(device)
+        return _cluster_means(self.run.posteriors.mean.float(), labels, k).to(self.device)
 
     @property
     def taste_dim(self) -> int:

@@ -163,17 +163,18 @@ def fit_clusters(
     x = tastes.detach().double().cpu().numpy()
 
     bic: dict[int, float] = {}
-    k = cfg.n_clusters
+    k, model = cfg.n_clusters, None
     if k is None:
-        best, bic = gmm_by_bic(x, cfg.max_clusters, cfg)
-        k = best.n_components
+        model, bic = gmm_by_bic(x, cfg.max_clusters, cfg)
+        k = model.n_components
     if not 1 <= k <= n_raters:
         raise UserError(
             f"cannot make {k} taste clusters from {n_raters} raters; ask for 1..{n_raters}"
         )
 
     if cfg.method == "gmm":
-        model = _gmm(x, k, cfg)
+        if model is None:  # else the mixture BIC chose, already fitted
+            model = _gmm(x, k, cfg)
         labels, centroids = model.predict(x), model.means_
     else:
         model = KMeans(n_clusters=k, n_init=cfg.n_init, random_state=cfg.seed).fit(x)

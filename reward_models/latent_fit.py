@@ -17,8 +17,6 @@ reward_models.latent), and the head's `score_scale` is set here from the trainin
 
 from __future__ import annotations
 
-import copy
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,7 +25,7 @@ from tqdm.auto import tqdm
 
 from reward_models.errors import UserError
 from reward_models.latent import Context, ContextBatch, LatentHead
-from reward_models.train import PairSet, ScoreSet
+from reward_models.train import EarlyStopping, PairSet, ScoreSet
 
 
 @dataclass
@@ -201,7 +199,7 @@ def fit_latent(
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = LatentHistory()
-    best, best_state, bad, window = math.inf, None, 0, []
+    stopper, window = EarlyStopping(cfg.patience, min_delta=1e-5), []
     for step in tqdm(range(cfg.steps), desc="fit latent head", disable=not cfg.progress):
         head.train()
         pick = torch.randint(len(train), (min(cfg.users_per_batch, len(train)),), generator=g)
@@ -228,17 +226,12 @@ def fit_latent(
                 torch.Generator().manual_seed(cfg.seed + 2),
             ).item()
         history.val_loss.append(v)
-        if v < best - 1e-5:
-            best, bad, history.best_step = v, 0, step
-            best_state = copy.deepcopy(head.state_dict())
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                history.stopped_early = True
-                break
-    if best_state is not None:
-        head.load_state_dict(best_state)
-    else:
+        if stopper.update(v, head):
+            history.best_step = step
+        elif stopper.exhausted:
+            history.stopped_early = True
+            break
+    if not stopper.restore(head):
         history.best_step = step
     head.eval()
     return history

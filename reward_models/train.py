@@ -65,6 +65,35 @@ class TrainHeadConfig:
     device: str = "cpu"
 
 
+class EarlyStopping:
+    """The best weights seen under a held-out loss, and whether `patience` checks in a row have
+    failed to lower it by more than `min_delta` (shared by every fitting loop here)."""
+
+    def __init__(self, patience: int, min_delta: float):
+        self.patience, self.min_delta = patience, min_delta
+        self.best, self.bad, self.state = math.inf, 0, None
+
+    def update(self, loss: float, module: torch.nn.Module) -> bool:
+        """Record a held-out loss; True when it is a new best (its weights are kept)."""
+        if loss < self.best - self.min_delta:
+            self.best, self.bad = loss, 0
+            self.state = copy.deepcopy(module.state_dict())
+            return True
+        self.bad += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.bad >= self.patience
+
+    def restore(self, module: torch.nn.Module) -> bool:
+        """Load the best weights into `module`; False when no loss was ever recorded."""
+        if self.state is None:
+            return False
+        module.load_state_dict(self.state)
+        return True
+
+
 @dataclass
 class TrainHistory:
     """Per-epoch mean losses; the head ends with the weights of `best_epoch`."""
@@ -219,7 +248,7 @@ def fit_head(
 
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = TrainHistory()
-    best_loss, best_state, bad_epochs = math.inf, None, 0
+    stopper = EarlyStopping(cfg.patience, min_delta=1e-6)
     n_steps = max(math.ceil(train.numel() / cfg.batch_size) for _, _, train, _ in sets.values())
 
     bar = tqdm(range(cfg.epochs), desc=f"fit {head.kind} head", disable=not cfg.progress)
@@ -253,16 +282,12 @@ def fit_head(
         )
         history.val_loss.append(val)
         bar.set_postfix(train=f"{history.train_loss[-1]:.4f}", val=f"{val:.4f}")
-        if val < best_loss - 1e-6:
-            best_loss, bad_epochs, history.best_epoch = val, 0, epoch
-            best_state = copy.deepcopy(head.state_dict())
-        else:
-            bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                history.stopped_early = True
-                break
+        if stopper.update(val, head):
+            history.best_epoch = epoch
+        elif stopper.exhausted:
+            history.stopped_early = True
+            break
 
-    if best_state is not None:
-        head.load_state_dict(best_state)
+    stopper.restore(head)
     head.eval()
     return history
