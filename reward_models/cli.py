@@ -1,4 +1,5 @@
-"""`reward-models` command line: extract features, train heads, evaluate them, hold a social vote."""
+"""`reward-models` command line: inspect ratings, extract features, train heads, evaluate them,
+hold a social vote."""
 
 from __future__ import annotations
 
@@ -8,6 +9,20 @@ from pathlib import Path
 
 from reward_models.config import load_config, to_dict
 from reward_models.errors import UserError, run_cli, run_parser
+
+
+def cmd_inspect(args) -> int:
+    import warnings
+
+    from reward_models.data import detect_format, load_ratings
+    from reward_models.data.summary import format_summary, summarize
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the summary lists the skipped rows itself
+        data = load_ratings(args.path, args.format, args.image_root, on_error="skip")
+    layout = detect_format(args.path)[0] if args.format == "auto" else args.format
+    print(format_summary(args.path, layout, summarize(data)))
+    return 0
 
 
 def cmd_features(args) -> int:
@@ -124,6 +139,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reward-models", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    ins = sub.add_parser(
+        "inspect", help="load ratings and summarise what was read: raters, images, pairs, skips"
+    )
+    ins.add_argument("path", type=Path, help="a ratings file or dataset folder")
+    ins.add_argument(
+        "--format", default="auto", help="auto (by file name), scores, pairs, para, flickr_aes, ..."
+    )
+    ins.add_argument(
+        "--image-root", type=Path, default=None, help="folder the image paths are relative to"
+    )
+    ins.set_defaults(func=cmd_inspect)
 
     feat = sub.add_parser("features", help="extract (and cache) CLIP features of images")
     feat.add_argument("images", nargs="+", type=Path, help="image files or folders")

@@ -163,7 +163,7 @@ def pair_set(data: RatingData, feats: Features, rater_index: dict[str, int]) -> 
         idx_a=feats.rows(df["image_a"]),
         idx_b=feats.rows(df["image_b"]),
         rater=torch.tensor([rater_index[r] for r in df["rater_id"]]),
-        winner=torch.tensor((df["winner"] == "b").to_numpy(), dtype=torch.float32),
+        winner=torch.tensor(data.pairs.b_preferred, dtype=torch.float32),  # a tie is 0.5
     )
 
 

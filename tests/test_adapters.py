@@ -99,6 +99,21 @@ def test_para_scale_is_1_to_5_and_user_info_is_optional(para):
     assert table.meta_columns == () and len(table) == 4
 
 
+def test_a_literal_nan_score_is_quoted_as_written_not_called_empty(para):
+    csv = para / "annotation" / "PARA-Images.csv"
+    lines = csv.read_text().splitlines()
+    lines[2] = lines[2].replace(",5.0,", ",NaN,", 1)  # line 3: the file says NaN
+    lines[3] = lines[3].replace(",1.0,", ",,", 1)  # line 4: the field is empty
+    csv.write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError, match=r"PARA-Images\.csv line 3: score 'NaN' is not a number"):
+        load_ratings(csv)
+    with pytest.warns(UserWarning, match="2 nan_score"):
+        assert load_ratings(csv, on_error="skip").scores.scores.tolist() == [3.5, 2.5]
+    csv.write_text("\n".join(lines[:3] + lines[4:]).replace(",NaN,", ",,") + "\n")
+    with pytest.raises(UserError, match=r"line 3: score is empty"):
+        load_ratings(csv)
+
+
 def test_para_names_missing_columns(tmp_path):
     csv = tmp_path / "PARA-Images.csv"
     pd.DataFrame({"userId": ["u"], "imageName": ["x.jpg"], "score": [3]}).to_csv(csv, index=False)
@@ -144,6 +159,7 @@ def lapis_frame(image_column: str, images: list[str]) -> pd.DataFrame:
             "response": [73, 12, 100],
             "image_id": [5, 9, 5],
             "age": [24, 24, 61],
+            "gender": ["female", "female", "male"],
             "nationality": ["Belgian", "Belgian", "Dutch"],
             "demo_gender": ["female", "female", "male"],
             "demo_edu": ["Master", "Master", "Bachelor"],
@@ -166,10 +182,12 @@ def test_lapis_keeps_demographics_as_rater_metadata_on_a_0_to_100_scale(tmp_path
     assert table.rater_ids == ["101", "202"]
     np.testing.assert_array_equal(table.scores, [73, 12, 100])
     assert set(table.meta_columns) == {
-        "age", "nationality", "demo_gender", "demo_edu", "demo_colorblind", "VAIAK1", "2VAIAK1"
+        "age", "gender", "nationality", "demo_gender", "demo_edu", "demo_colorblind", "VAIAK1",
+        "2VAIAK1",
     }  # fmt: skip
     assert "image_id" not in table.meta_columns  # an image attribute, not the rater's
-    assert table.rater_metadata().loc["202", "nationality"] == "Dutch"
+    meta = table.rater_metadata()
+    assert meta.loc["202", "nationality"] == "Dutch" and meta.loc["202", "gender"] == "male"
 
 
 def test_lapis_image_filename_with_a_style_folder_finds_the_flat_image(tmp_path):
@@ -211,20 +229,23 @@ def pickapic_shard(path: Path) -> list[bytes]:
     return [red, blue, green]
 
 
-def test_pickapic_caches_inline_images_by_content_hash_and_drops_ties(tmp_path):
+def test_pickapic_caches_inline_images_by_content_hash_and_keeps_ties(tmp_path):
     red, blue, green = pickapic_shard(tmp_path / "train-00000-of-00001.parquet")
-    with pytest.warns(UserWarning, match=r"skipped 2 of 4 rows \(1 tie, 1 unreadable_image\)"):
+    with pytest.warns(UserWarning, match=r"skipped 1 of 4 rows \(1 unreadable_image\)"):
         data = load_ratings(tmp_path, image_root=tmp_path / "cache", on_error="skip")
     pairs = data.pairs
-    assert data.report.skipped == {"tie": 1, "unreadable_image": 1}
-    assert pairs.rater_ids == ["17"] and pairs.df["winner"].tolist() == ["a", "b"]
+    assert data.report.skipped == {"unreadable_image": 1}
+    # user 42's only readable row is a tie: kept, so the user is not lost
+    assert pairs.rater_ids == ["17", "42"]
+    assert pairs.df["winner"].tolist() == ["a", "b", "tie"]
+    assert pairs.b_preferred.tolist() == [0.0, 1.0, 0.5]  # what the Bradley-Terry loss reads
     h = {
         k: hashlib.sha256(v).hexdigest() + ".jpg"
         for k, v in [("r", red), ("b", blue), ("g", green)]
     }
-    assert pairs.df["image_a"].tolist() == [h["r"], h["b"]]
-    assert pairs.df["image_b"].tolist() == [h["b"], h["g"]]
-    assert pairs.df["caption"].tolist() == ["a red fox", "a blue sea"]
+    assert pairs.df["image_a"].tolist() == [h["r"], h["b"], h["r"]]
+    assert pairs.df["image_b"].tolist() == [h["b"], h["g"], h["g"]]
+    assert pairs.df["caption"].tolist() == ["a red fox", "a blue sea", "a tie"]
     assert "jpg_0" not in pairs.df.columns  # the bytes live in the cache, not the table
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(set(h.values()))
     assert (tmp_path / "cache" / h["g"]).read_bytes() == green
@@ -233,6 +254,29 @@ def test_pickapic_caches_inline_images_by_content_hash_and_drops_ties(tmp_path):
         warnings.simplefilter("ignore")
         load_ratings(tmp_path, image_root=tmp_path / "cache", on_error="skip")
     assert (tmp_path / "cache" / h["r"]).stat().st_mtime_ns == stamp  # written once
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"label_0": float("nan"), "label_1": float("nan")},
+         r"row 2: label_0 empty and label_1 empty are not a choice; expected 1 and 0"),
+        ({"label_0": 1.0, "label_1": 1.0}, r"row 2: label_0 1 and label_1 1 are not a choice"),
+        ({"jpg_1": b""}, r"row 2: empty jpg_1; a choice needs two images"),
+        ({"user_id": None}, r"row 2: empty user_id"),
+        ({"jpg_1": "same"}, r"row 2: jpg_0 and jpg_1 hold the same image"),
+    ],
+)  # fmt: skip
+def test_pickapic_bad_rows_are_named_in_the_shards_own_columns(tmp_path, row, message):
+    shard = tmp_path / "train-00000-of-00001.parquet"
+    pickapic_shard(shard)
+    df = pd.read_parquet(shard).astype({"user_id": object}).iloc[:3]  # row 4's bytes are bad too
+    for col, value in row.items():
+        df.at[1, col] = df.at[1, "jpg_0"] if value == "same" else value
+    df.to_parquet(shard, index=False)
+    with pytest.raises(UserError, match=message) as e:
+        load_ratings(shard, image_root=tmp_path / "cache")
+    assert not any(w in str(e.value) for w in ("winner", "image_a", "image_b", "rater_id"))
 
 
 def test_pickapic_bad_bytes_raise_before_anything_is_written(tmp_path):

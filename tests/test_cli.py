@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
+from PIL import Image
 
 from plural_diffusion.cli import main as pd_main
 from reward_models.cli import main as rm_main
@@ -37,6 +39,8 @@ def test_plural_diffusion_user_errors(argv, message, capsys):
         (["train", "data.path=/no/ratings.csv", "clip.model=toy"], "/no/ratings.csv: no such file"),
         (["eval", "--run", "/no/run"], "is not a reward-models run"),
         (["train", "split.test_images=lots"], "config key 'split.test_images': expected a number"),
+        (["inspect", "/no/ratings.csv"], "/no/ratings.csv: no such file or folder"),
+        (["inspect", ".", "--format", "csvish"], "unknown format 'csvish'; use one of auto,"),
     ],
 )
 def test_reward_models_user_errors(argv, message, capsys):
@@ -71,3 +75,31 @@ def test_toy_world_command_writes_tables(tmp_path, capsys):
     )  # fmt: skip
     assert code == 0 and "wrote 30 images rated by 6 raters" in out.out
     assert (tmp_path / "w" / "scores.csv").is_file()
+
+
+def test_inspect_summarises_what_a_load_read_before_training(tmp_path, capsys):
+    for name in ("x.png", "y.png", "z.png"):
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    pd.DataFrame(
+        {"image": ["x.png", "y.png", "z.png", "x.png", "gone.png"],
+         "rater_id": ["r1", "r1", "r1", "r2", "r2"], "score": [2, 7, "NaN", 5, 4]}
+    ).to_csv(tmp_path / "scores.csv", index=False)  # fmt: skip
+    pd.DataFrame(
+        {"image_a": ["x.png", "x.png"], "image_b": ["y.png", "z.png"], "rater_id": ["r2", "r3"],
+         "winner": ["a", "tie"]}
+    ).to_csv(tmp_path / "pairs.csv", index=False)  # fmt: skip
+    code, out = run(rm_main, ["inspect", str(tmp_path)], capsys)
+    assert code == 0
+    lines = [" ".join(line.split()) for line in out.out.splitlines()]
+    assert lines[0] == f"{tmp_path} (tables)"
+    assert lines[1:10] == [
+        "raters 3",
+        "images 3",
+        "ratings per rater min 1, median 2, max 2",  # r1: 2 scores, r2: 1 score + 1 pair, r3: 1
+        "scores 3 (from 2 to 7)",
+        "pairs 2",
+        "ties 1",
+        "rows read 7",
+        "rows kept 5",
+        "skipped rows 1 missing_image, 1 nan_score",
+    ]

@@ -9,16 +9,11 @@ Typical use:
     context, target = few_shot(test.scores, test.rater_ids[0], k=10, seed=0)
 
 Modules: `tables` (the containers), `validate` (reading and checks), `adapters` (published
-datasets), `load` (`load_ratings`), `splits`.
+datasets; `hpdv2` for HPDv2), `load` (`load_ratings`), `splits`, `summary` (what a load read).
 """
 
-from reward_models.data.adapters import (
-    load_flickr_aes,
-    load_hpdv2,
-    load_lapis,
-    load_para,
-    load_pickapic,
-)
+from reward_models.data.adapters import load_flickr_aes, load_lapis, load_para, load_pickapic
+from reward_models.data.hpdv2 import load_hpdv2
 from reward_models.data.load import FORMATS, detect_format, load_pairs, load_ratings, load_scores
 from reward_models.data.splits import check_known_raters, few_shot, split_by_image, split_by_rater
 from reward_models.data.tables import LoadReport, PairTable, RatingData, ScoreTable

@@ -9,20 +9,20 @@ Each returns `RatingData` in the common tables (see `tables.py`), with the datas
                 header's leading spaces stripped), images in 40K/. Scores 1-5.
     LAPIS       annotation/LAPIS_individualratings_metaANDdemodata.csv (image column `file`, or
                 `image_filename`/`imageName` in other releases; participant_id; response; plus
-                demographic columns kept as rater metadata), images in images/. `response` is a
-                visual-analogue slider read as 0-100: the LAPIS authors' own loader bins it with
-                `response // 10` into 10 bins, so the default range is [0, 100], not 1-10.
+                demographic columns such as age, gender, nationality kept as rater metadata),
+                images in images/. `response` is a visual-analogue slider read as 0-100: the LAPIS
+                authors' own loader bins it with `response // 10` into 10 bins, so the default
+                range is [0, 100], not 1-10.
     Pick-a-Pic  Parquet shard(s) with user_id, caption, jpg_0, jpg_1, label_0, label_1, ...; the
                 inline image bytes are written once to a cache folder, each file named by the
-                SHA-256 of its bytes. A tie (label_0 == label_1 == 0.5) says neither image won, so
-                it cannot be a row of a pairs table: ties are always dropped and counted as 'tie'.
-    HPDv2       train.json: a list of records with user_hash, prompt, file_path (or image_path, as
-                in the released file) listing the images, and human_preference marking the
-                preferred one with 1. A record of n images gives the n-1 pairs "preferred vs each
-                other image"; a record without exactly one 1 is a 'bad_preference' row. Images are
-                looked up in train/ beside train.json (the released layout).
+                SHA-256 of its bytes. label_0/label_1 of 1/0 or 0/1 name the preferred image;
+                0.5/0.5 is a tie, kept as winner 'tie' (the pairwise loss takes it as the soft
+                label 0.5). Bad rows are named in the shard's own columns (user_id, jpg_1,
+                label_0, ...).
+    HPDv2       see `hpdv2.py` (train.json preferences and test.json rankings).
 
-Dataset-specific row reasons, next to those in `validate.py`: 'tie', 'bad_preference'.
+Dataset-specific row reason, next to those in `validate.py`: 'bad_label' (Pick-a-Pic labels that
+are not one of the three choices).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from reward_models.data.tables import LoadReport, PairTable, RatingData
+from reward_models.data.tables import PairTable, RatingData
 from reward_models.data.validate import (
     CheckImages,
     OnError,
@@ -49,17 +49,17 @@ from reward_models.data.validate import (
     require_columns,
 )
 from reward_models.errors import UserError
-from reward_models.io import atomic_path, read_json
+from reward_models.io import atomic_path
 
 PARA_IMAGES = "PARA-Images.csv"
 PARA_USERS = "PARA-UserInfo.csv"
 FLICKR_AES = "FLICKR-AES_image_labeled_by_each_worker.csv"
 LAPIS = "LAPIS_individualratings_metaANDdemodata.csv"
 LAPIS_IMAGE_COLUMNS = ("file", "image_filename", "imageName")
-LAPIS_RATER_COLUMNS = ("age", "nationality")
+LAPIS_RATER_COLUMNS = ("age", "gender", "nationality")
 LAPIS_RATER_PREFIXES = ("demo_", "VAIAK", "2VAIAK")
 PICKAPIC_COLUMNS = ("user_id", "jpg_0", "jpg_1", "label_0", "label_1")
-HPDV2_PATH_KEYS = ("file_path", "image_path")
+PICKAPIC_LABELS = {(1.0, 0.0): "a", (0.0, 1.0): "b", (0.5, 0.5): "tie"}  # (label_0, label_1)
 
 
 def score_data(df: pd.DataFrame, image_root: Path, source: Path, **checks) -> RatingData:
@@ -121,7 +121,9 @@ def load_para(
 ) -> RatingData:
     """PARA's aestheticScore per (user, image); `path` is PARA-Images.csv or the dataset folder."""
     csv = find_file(path, PARA_IMAGES)
-    raw = read_table(csv, str_columns=("userId", "sessionId", "imageName"))
+    raw = read_table(
+        csv, str_columns=("userId", "sessionId", "imageName"), literal_columns=("aestheticScore",)
+    )
     require_columns(raw, ["userId", "sessionId", "imageName", "aestheticScore"], str(csv), "PARA")
     df = raw.rename(columns={"userId": "rater_id", "aestheticScore": "score"})
     session, name = as_id_strings(df["sessionId"]), as_id_strings(df["imageName"])
@@ -149,7 +151,7 @@ def load_flickr_aes(
 ) -> RatingData:
     """FLICKR-AES per-worker scores; `path` is the worker CSV or the folder holding it."""
     csv = find_file(path, FLICKR_AES)
-    raw = read_table(csv, str_columns=("worker", "imagePair"))
+    raw = read_table(csv, str_columns=("worker", "imagePair"), literal_columns=("score",))
     require_columns(raw, ["worker", "imagePair", "score"], str(csv), "FLICKR-AES")
     df = raw.rename(columns={"worker": "rater_id", "imagePair": "image"})
     root = Path(image_root) if image_root is not None else _default_root(csv, "40K")
@@ -170,7 +172,9 @@ def load_lapis(
 ) -> RatingData:
     """LAPIS individual ratings with demographics; `path` is the CSV or the dataset folder."""
     csv = find_file(path, LAPIS)
-    raw = read_table(csv, str_columns=(*LAPIS_IMAGE_COLUMNS, "participant_id"))
+    raw = read_table(
+        csv, str_columns=(*LAPIS_IMAGE_COLUMNS, "participant_id"), literal_columns=("response",)
+    )
     image_col = next((c for c in LAPIS_IMAGE_COLUMNS if c in raw.columns), LAPIS_IMAGE_COLUMNS[0])
     require_columns(raw, [image_col, "participant_id", "response"], str(csv), "LAPIS")
     df = raw.rename(columns={image_col: "image", "participant_id": "rater_id", "response": "score"})
@@ -234,38 +238,71 @@ def _pickapic_shard(shard, cache, check_images, on_error, known_raters):
     raw = read_table(shard, str_columns=("user_id",))
     require_columns(raw, PICKAPIC_COLUMNS, str(shard), "Pick-a-Pic")
     df = raw.drop(columns=["jpg_0", "jpg_1"]).rename(columns={"user_id": "rater_id"})
+    df["rater_id"] = as_id_strings(df["rater_id"])
     blobs: dict[str, bytes] = {}
-    sides = []
-    for col in ("jpg_0", "jpg_1"):
-        names, unreadable = [], []
-        for blob in raw[col].to_numpy():
-            blob = bytes(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else None
-            name = _blob_name(blob, decode=check_images == "decode") if blob else None
-            unreadable.append(blob is not None and len(blob) > 0 and name is None)
-            names.append(name)
-            if name is not None:
-                blobs[name] = blob
-        sides.append((col, names, np.array(unreadable, dtype=bool)))
-    df.insert(0, "image_a", sides[0][1])
-    df.insert(1, "image_b", sides[1][1])
+    sides = {
+        col: _cache_names(raw[col], check_images == "decode", blobs) for col in ("jpg_0", "jpg_1")
+    }
+    df.insert(0, "image_a", sides["jpg_0"][0])
+    df.insert(1, "image_b", sides["jpg_1"][0])
     l0 = pd.to_numeric(raw["label_0"], errors="coerce").to_numpy(dtype=np.float64)
     l1 = pd.to_numeric(raw["label_1"], errors="coerce").to_numpy(dtype=np.float64)
-    df["winner"] = np.where(l0 > l1, "a", np.where(l1 > l0, "b", None))
+    df["winner"] = [PICKAPIC_LABELS.get((a, b)) for a, b in zip(l0.tolist(), l1.tolist())]
 
-    pre = RowChecker(df, on_error)
-    for col, _, unreadable in sides:
-        pre.flag(unreadable, "unreadable_image", lambda i, col=col: f"{col} is not image bytes")
-    pre.drop(l0 == l1, "tie")
+    pre = _check_shard(df, raw, sides, on_error)
     table, report = build_pair_table(
         pre.kept(), cache, check_images="none", on_error=on_error, known_raters=known_raters
     )
-    return table, blobs, _chained(pre.report(), report)
+    return table, blobs, pre.report().followed_by(report)
 
 
-def _chained(first: LoadReport, second: LoadReport) -> LoadReport:
-    """The report of two checks in a row: rows read by the first, kept by the second."""
-    skipped = first.merged(second).skipped
-    return LoadReport(rows_read=first.rows_read, rows_kept=second.rows_kept, skipped=skipped)
+def _check_shard(df: pd.DataFrame, raw: pd.DataFrame, sides: dict, on_error: OnError) -> RowChecker:
+    """Flag a shard's bad rows in its own column names (user_id, jpg_1, label_0), so that
+    build_pair_table, which speaks of rater_id and image_b, finds nothing left to say."""
+    pre = RowChecker(df, on_error)
+    pre.flag(df["rater_id"].isna(), "missing_value", lambda i: "empty user_id; every row needs one")
+    for col, (_, empty, unreadable) in sides.items():
+        pre.flag(empty, "missing_value", lambda i, c=col: f"empty {c}; a choice needs two images")
+        pre.flag(unreadable, "unreadable_image", lambda i, c=col: f"{c} is not image bytes")
+    labels = raw["label_0"].to_numpy(), raw["label_1"].to_numpy()
+    pre.flag(
+        df["winner"].isna(),
+        "bad_label",
+        lambda i: (
+            f"label_0 {_shown(labels[0][i])} and label_1 {_shown(labels[1][i])} are not a choice; "
+            f"expected 1 and 0 (jpg_0 preferred), 0 and 1 (jpg_1), or 0.5 and 0.5 (a tie)"
+        ),
+    )
+    pre.flag(
+        df["image_a"] == df["image_b"],
+        "same_image",
+        lambda i: "jpg_0 and jpg_1 hold the same image; a choice needs two different images",
+    )
+    return pre
+
+
+def _cache_names(column: pd.Series, decode: bool, blobs: dict[str, bytes]):
+    """Each cell's cache file name (None where empty or not an image), and the masks of empty and
+    of non-image cells; the bytes of every named image are added to `blobs`."""
+    names, empty, unreadable = [], [], []
+    for blob in column.to_numpy():
+        blob = bytes(blob) if isinstance(blob, (bytes, bytearray, memoryview)) else b""
+        name = _blob_name(blob, decode) if blob else None
+        names.append(name)
+        empty.append(not blob)
+        unreadable.append(bool(blob) and name is None)
+        if name is not None:
+            blobs[name] = blob
+    return names, np.array(empty, dtype=bool), np.array(unreadable, dtype=bool)
+
+
+def _shown(value) -> str:
+    """A cell as a message quotes it: 'empty' for a missing value, numbers as written (1, 0.5)."""
+    if pd.isna(value):
+        return "empty"
+    if isinstance(value, (int, float, np.number)) and not isinstance(value, bool):
+        return f"{float(value):g}"
+    return repr(value)
 
 
 _SIGNATURES = ((b"\xff\xd8\xff", ".jpg"), (b"\x89PNG\r\n\x1a\n", ".png"), (b"GIF8", ".gif"))
@@ -287,70 +324,3 @@ def _write_once(path: Path, blob: bytes) -> None:
         return
     with atomic_path(path) as tmp:
         tmp.write_bytes(blob)
-
-
-def load_hpdv2(
-    path: str | Path,
-    image_root: str | Path | None = None,
-    *,
-    check_images: CheckImages = "exists",
-    on_error: OnError = "raise",
-    known_raters: Iterable[str] | None = None,
-) -> RatingData:
-    """HPDv2 preference records as pairs; `path` is train.json (or test-style JSON) or its folder."""
-    json_path = find_file(path, "train.json")
-    records = read_json(json_path)
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise UserError(f"{json_path}: expected a JSON list of records (HPDv2 train.json layout)")
-    path_key = next((k for k in HPDV2_PATH_KEYS if any(k in r for r in records)), "file_path")
-    required = ["user_hash", path_key, "human_preference"]
-    absent = [k for k in required if not any(k in r for r in records)]
-    if absent:
-        found = ", ".join(records[0]) if records else "(no records)"
-        raise UserError(
-            f"{json_path}: missing field(s) {', '.join(absent)} for HPDv2; record 1 has: {found}"
-        )
-    rows = []
-    for n, rec in enumerate(records, start=1):
-        paths, pref = rec.get(path_key), rec.get("human_preference")
-        base = {"rater_id": rec.get("user_hash"), "prompt": rec.get("prompt"), "source_row": n}
-        winner = _preferred_index(paths, pref)
-        if winner is None:
-            rows.append({**base, "image_a": None, "image_b": None, "winner": None, "bad": True})
-            continue
-        for j in range(len(paths)):
-            if j != winner:
-                a, b = min(winner, j), max(winner, j)
-                side = "a" if winner == a else "b"
-                rows.append(
-                    {**base, "image_a": paths[a], "image_b": paths[b], "winner": side, "bad": False}
-                )
-    df = pd.DataFrame(rows, columns=["image_a", "image_b", "rater_id", "winner", "prompt",
-                                     "source_row", "bad"])  # fmt: skip
-    df["source"] = pd.Categorical([str(json_path)] * len(df))
-    bad = df.pop("bad").to_numpy(dtype=bool)
-    pre = RowChecker(df, on_error)
-    pre.flag(
-        bad,
-        "bad_preference",
-        lambda i: f"{path_key} and human_preference must be equal-length lists with exactly one 1",
-    )
-    if image_root is not None:
-        root = Path(image_root)
-    else:  # released layout: train.json beside train/
-        root = json_path.parent / json_path.stem
-        root = root if root.is_dir() else json_path.parent
-    table, report = build_pair_table(
-        pre.kept(), root, check_images=check_images, on_error=on_error, known_raters=known_raters
-    )
-    report = _chained(pre.report(), report)
-    announce(json_path, report)
-    return RatingData(pairs=table, report=report)
-
-
-def _preferred_index(paths, pref) -> int | None:
-    if not (isinstance(paths, list) and isinstance(pref, list)):
-        return None
-    if len(paths) < 2 or len(paths) != len(pref) or sorted(pref) != [0] * (len(pref) - 1) + [1]:
-        return None
-    return pref.index(1)

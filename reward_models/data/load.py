@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 
-from reward_models.data import adapters
+from reward_models.data import adapters, hpdv2
 from reward_models.data.tables import PAIR_COLUMNS, SCORE_COLUMNS, RatingData
 from reward_models.data.validate import (
     TABLE_SUFFIXES,
@@ -57,7 +57,7 @@ def load_scores(
     """A scores table (image, rater_id, score); images relative to `image_root` (default: the
     table's folder). `rater_info` names a table with rater_id + metadata columns to join."""
     path = Path(path)
-    df = read_table(path, str_columns=SCORE_COLUMNS[:2])
+    df = read_table(path, str_columns=SCORE_COLUMNS[:2], literal_columns=("score",))
     meta: tuple[str, ...] = ()
     if rater_info is not None:
         require_columns(df, SCORE_COLUMNS, str(path), "scores")
@@ -142,7 +142,7 @@ def load_ratings(
     if fmt == "pickapic":
         return adapters.load_pickapic(path, image_root, **common)
     if fmt == "hpdv2":
-        return adapters.load_hpdv2(path, image_root, **common)
+        return hpdv2.load_hpdv2(path, image_root, **common)
 
     # Our own tables: a file of one kind, or a folder with scores.* and/or pairs.*.
     found = {fmt: path} if path.is_file() else _own_tables(path, fmt)
@@ -165,16 +165,18 @@ def detect_format(path: Path) -> tuple[str, Path]:
             for candidate in (path / name, path / "annotation" / name):
                 if candidate.is_file():
                     return fmt, candidate
-        if (path / "train.json").is_file():
-            return "hpdv2", path / "train.json"
+        for name in hpdv2.JSON_NAMES:
+            if (path / name).is_file():
+                return "hpdv2", path / name
         shards = sorted(path.glob("*.parquet"))
         if shards and "jpg_0" in _columns(shards[0]):
             return "pickapic", path
         if _own_tables(path, "tables", required=False):
             return "tables", path
         raise UserError(
-            f"{path}: found no ratings here: looked for {', '.join(_NAMED_FILES)}, train.json, "
-            f"Pick-a-Pic .parquet shards, and scores/pairs .csv/.jsonl/.parquet; pass a file or format="
+            f"{path}: found no ratings here: looked for {', '.join(_NAMED_FILES)}, "
+            f"{', '.join(hpdv2.JSON_NAMES)}, Pick-a-Pic .parquet shards, and scores/pairs "
+            f".csv/.jsonl/.parquet; pass a file or format="
         )
     if path.name in _NAMED_FILES:
         return _NAMED_FILES[path.name], path

@@ -4,11 +4,15 @@ Both kinds are pandas DataFrames with fixed column names, an image root the imag
 relative to, and two provenance columns so that any row can be traced back to where it came from:
 
     scores: image, rater_id, score                         (+ source, source_row, extra columns)
-    pairs:  image_a, image_b, rater_id, winner ("a"|"b")   (+ source, source_row, extra columns)
+    pairs:  image_a, image_b, rater_id, winner ("a"|"b"|"tie")  (+ source, source_row, extra columns)
 
 `rater_id` is always a string (ids such as "007" keep their zeros). Extra columns of the input
 (a prompt, PARA's sub-scores, rater demographics) are kept; `meta_columns` names those that
 describe the rater rather than the rating, so `rater_metadata()` can return one row per rater.
+
+A tie ("tie": the rater saw both images and preferred neither, as in Pick-a-Pic's 0.5/0.5 labels
+or equal ranks in HPDv2's test split) is kept: the Bradley-Terry losses take the soft label 0.5
+(`PairTable.b_preferred`), which pulls the two images' utilities together.
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class LoadReport:
         return LoadReport(
             self.rows_read + other.rows_read, self.rows_kept + other.rows_kept, skipped
         )
+
+    def followed_by(self, second: LoadReport) -> LoadReport:
+        """The report of two checks in a row: rows read by this one, kept by `second`."""
+        return LoadReport(self.rows_read, second.rows_kept, self.merged(second).skipped)
 
 
 @dataclass(eq=False)  # DataFrames have no single truth value to compare by
@@ -117,7 +125,8 @@ class ScoreTable(_RatingTable):
 
 @dataclass(eq=False, repr=False)
 class PairTable(_RatingTable):
-    """Pairwise choices: rater `rater_id` preferred `image_a` (winner 'a') or `image_b` ('b')."""
+    """Pairwise choices: rater `rater_id` preferred `image_a` (winner 'a') or `image_b` ('b'), or
+    saw both and preferred neither ('tie')."""
 
     @property
     def images(self) -> list[str]:
@@ -129,6 +138,18 @@ class PairTable(_RatingTable):
     def a_wins(self) -> np.ndarray:
         """[N] bool, True where image_a was preferred."""
         return (self.df["winner"] == "a").to_numpy()
+
+    @property
+    def ties(self) -> np.ndarray:
+        """[N] bool, True where the rater preferred neither image."""
+        return (self.df["winner"] == "tie").to_numpy()
+
+    @property
+    def b_preferred(self) -> np.ndarray:
+        """[N] float64, the probability that image_b is preferred: 0 ('a'), 1 ('b'), 0.5 ('tie');
+        the `winner` target of `reward_models.train.PairSet`."""
+        winner = self.df["winner"].to_numpy()
+        return np.where(winner == "b", 1.0, np.where(winner == "tie", 0.5, 0.0))
 
 
 @dataclass(eq=False)

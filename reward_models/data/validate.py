@@ -8,7 +8,7 @@ problems is counted once, under the first reason checked. Reasons:
     missing_value       an empty image or rater id
     nan_score           a score that is empty or not a number
     score_out_of_range  a score outside `score_range`
-    bad_winner          a pair's winner that is not 'a'/'b' (or 0/1 for image_a/image_b)
+    bad_winner          a pair's winner that is not 'a'/'b'/'tie' (or 0/1/0.5)
     same_image          a pair naming the same image on both sides
     missing_image       an image file that does not exist under the image root
     unreadable_image    an image PIL cannot decode (checked with check_images="decode")
@@ -46,11 +46,15 @@ CheckImages = Literal["none", "exists", "decode"]
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 
 
-def read_table(path: str | Path, str_columns: Iterable[str] = ()) -> pd.DataFrame:
+def read_table(
+    path: str | Path, str_columns: Iterable[str] = (), literal_columns: Iterable[str] = ()
+) -> pd.DataFrame:
     """A CSV, JSONL or Parquet file (by suffix) as a DataFrame with `source`/`source_row` added.
 
     Column names are stripped of surrounding spaces (some released CSVs have ' worker, score').
-    `str_columns` are read as text so ids like '007' keep their zeros.
+    `str_columns` are read as text so ids like '007' keep their zeros. In a CSV's
+    `literal_columns` only an empty field is missing: a written 'NaN' or 'NA' stays that text, so
+    a check can quote what the file says instead of calling it empty.
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -63,6 +67,7 @@ def read_table(path: str | Path, str_columns: Iterable[str] = ()) -> pd.DataFram
             # skipinitialspace also strips the header's ' worker, imagePair' style names.
             dtype = {c: str for c in str_columns}
             df = pd.read_csv(path, skipinitialspace=True, dtype=dtype)
+            _restore_literal_text(df, path, literal_columns)
             rows = np.arange(len(df)) + 2  # line numbers; the header is line 1
         elif suffix == ".jsonl":
             df, rows = _read_jsonl(path)
@@ -79,6 +84,24 @@ def read_table(path: str | Path, str_columns: Iterable[str] = ()) -> pd.DataFram
     df["source"] = pd.Categorical([str(path)] * len(df))
     df["source_row"] = rows
     return df
+
+
+def _restore_literal_text(df: pd.DataFrame, path: Path, columns: Iterable[str]) -> None:
+    """Put back the text pandas read as missing ('NaN', 'NA', 'null') in `columns`, in place.
+
+    Only a column with missing values is read a second time, so a clean file costs nothing more.
+    """
+    for col in columns:
+        raw_name = next((c for c in df.columns if str(c).strip() == col), None)
+        if raw_name is None or not df[raw_name].isna().any():
+            continue
+        text = pd.read_csv(
+            path, skipinitialspace=True, usecols=[raw_name], dtype=str, keep_default_na=False
+        )[raw_name].to_numpy(dtype=object)
+        values = df[raw_name].to_numpy(dtype=object)
+        written = df[raw_name].isna().to_numpy() & (text != "")
+        values[written] = text[written]
+        df[raw_name] = pd.Series(values, index=df.index, dtype=object)
 
 
 def _read_jsonl(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
@@ -147,13 +170,6 @@ class RowChecker:
             raise UserError(f"{loc}: {describe(i)} (or pass on_error='skip' to drop such rows)")
         self.bad |= mask
         self.skipped[reason] = self.skipped.get(reason, 0) + int(mask.sum())
-
-    def drop(self, mask, reason: str) -> None:
-        """Drop rows that are valid data this table cannot hold (e.g. ties), counted, never raised."""
-        mask = np.asarray(mask, dtype=bool) & ~self.bad
-        if mask.any():
-            self.bad |= mask
-            self.skipped[reason] = self.skipped.get(reason, 0) + int(mask.sum())
 
     def report(self) -> LoadReport:
         kept = int((~self.bad).sum())
@@ -320,8 +336,8 @@ def build_pair_table(
 ) -> tuple[PairTable, LoadReport]:
     """Check a DataFrame with columns image_a, image_b, rater_id, winner and wrap it.
 
-    winner may be 'a'/'b' (any case) or 0/1, read as the index of the preferred image (0 means
-    image_a); it is stored as 'a'/'b'.
+    winner may be 'a'/'b'/'tie' (any case) or 0/1/0.5, read as the probability that image_b was
+    preferred (0: image_a, 1: image_b, 0.5: neither); it is stored as 'a'/'b'/'tie'.
     """
     check_options(check_images, on_error)
     image_root = Path(image_root)
@@ -338,7 +354,10 @@ def build_pair_table(
     checker.flag(
         df["winner"].isna().to_numpy(),
         "bad_winner",
-        lambda i: f"winner {raw_winner[i]!r} is not 'a' or 'b' (or 0/1 for image_a/image_b)",
+        lambda i: (
+            f"winner {raw_winner[i]!r} is not 'a' or 'b' (or 0/1 for image_a/image_b), "
+            f"nor 'tie' (or 0.5) for a pair where neither image was preferred"
+        ),
     )
     a, b = df["image_a"].to_numpy(), df["image_b"].to_numpy()
     checker.flag(
@@ -352,14 +371,16 @@ def build_pair_table(
     return PairTable(checker.kept(), image_root, _present(df, meta_columns)), report
 
 
+_WINNERS = {"a": "a", "b": "b", "tie": "tie", "0": "a", "1": "b", "0.5": "tie"}
+
+
 def _winner(v) -> str | None:
     if isinstance(v, str):
-        s = v.strip().lower()
-        return {"a": "a", "b": "b", "0": "a", "1": "b"}.get(s)
+        return _WINNERS.get(v.strip().lower())
     if isinstance(v, (bool, np.bool_)):
         return None  # True/False says nothing about which side
-    if isinstance(v, (int, float, np.integer, np.floating)) and v in (0, 1):
-        return "a" if v == 0 else "b"
+    if isinstance(v, (int, float, np.integer, np.floating)) and v in (0, 1, 0.5):
+        return {0: "a", 1: "b", 0.5: "tie"}[v]
     return None
 
 
