@@ -47,6 +47,13 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
 
+from plural_diffusion.experts import (
+    expert_gates,
+    install_experts,
+    remove_experts,
+    routing_temperature,
+    set_gate,
+)
 from reward_models.config import from_dict, to_dict
 from reward_models.errors import UserError
 from reward_models.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -67,6 +74,10 @@ class TasteConditioningConfig:
     # embedding width ("timestep"). None = read from the UNet by `TasteConditioner.for_unet`.
     out_dim: int | None = None
     taste_dropout: float = 0.1  # probability of training on the null taste instead (CFG-style)
+    # LoRA experts routed by the taste (`plural_diffusion.experts`): the LoRA's rank splits
+    # into one block per taste cluster, gated by the taste's soft cluster assignment. 0 = one
+    # LoRA shared by every taste.
+    experts: int = 0
 
 
 class TasteEmbeddingSlot(nn.Module):
@@ -185,6 +196,25 @@ class TasteConditioner(nn.Module):
         self.proj_out = nn.Linear(config.hidden, n_out)
         nn.init.zeros_(self.proj_out.weight)  # identity at init, see module docstring
         nn.init.zeros_(self.proj_out.bias)
+        if config.experts:  # filled by `set_experts`; saved with the conditioner's weights
+            self.register_buffer("expert_centroids", torch.zeros(config.experts, config.taste_dim))
+            self.register_buffer("expert_temperature", torch.ones(()))
+
+    def set_experts(self, centroids: torch.Tensor) -> None:
+        """Route LoRA experts by the taste clusters' centroids [E, taste_dim]."""
+        if tuple(centroids.shape) != (self.config.experts, self.config.taste_dim):
+            raise UserError(
+                f"taste experts: {tuple(centroids.shape)} centroids for {self.config.experts} "
+                f"experts of taste_dim {self.config.taste_dim}; set conditioning.experts to the "
+                "number of taste clusters"
+            )
+        self.expert_centroids.copy_(centroids)
+        self.expert_temperature.copy_(routing_temperature(centroids))
+
+    def gates(self, z: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Each image's weight on each LoRA expert, [B, E] (z None: the null taste)."""
+        z = self.null_taste(batch) if z is None else z
+        return expert_gates(z, self.expert_centroids, self.expert_temperature)
 
     @classmethod
     def for_unet(
@@ -235,6 +265,7 @@ class TasteConditioner(nn.Module):
                 )
             for attn in _cross_attentions(unet):
                 attn.set_processor(TasteAttnProcessor(cfg.n_tokens))
+            self._attach_experts(unet)
             return
         if cfg.out_dim != _time_embed_dim(unet):
             raise UserError(
@@ -252,6 +283,18 @@ class TasteConditioner(nn.Module):
                 "UNet has class_embeddings_concat=True; use taste conditioning mode=tokens"
             )
         unet.class_embedding = TasteEmbeddingSlot()
+        self._attach_experts(unet)
+
+    def _attach_experts(self, unet: UNet2DConditionModel) -> None:
+        if not self.config.experts:
+            remove_experts(unet)
+            return
+        if self.config.experts < 2:
+            raise UserError(
+                "conditioning.experts=1 routes nothing; use 0 (one shared LoRA) or the number "
+                "of taste clusters"
+            )
+        install_experts(unet, self.config.experts)
 
 
 def detach_taste(unet: UNet2DConditionModel) -> None:
@@ -261,6 +304,7 @@ def detach_taste(unet: UNet2DConditionModel) -> None:
             attn.set_processor(AttnProcessor2_0())
     if isinstance(unet.class_embedding, TasteEmbeddingSlot):
         unet.class_embedding = None
+    remove_experts(unet)
 
 
 def _attached_tokens(unet: UNet2DConditionModel) -> int | None:
@@ -283,9 +327,12 @@ def unet_forward(
     t: torch.Tensor | int,
     encoder_hidden_states: torch.Tensor,
     z: torch.Tensor | None,
+    route: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The UNet's prediction for `latents` [B, C, H, W] at `t`, given text states [B, L, C'] and
     taste z [B, taste_dim] (None = the null taste). Returns [B, C, H, W] in the UNet's dtype.
+    route [B, taste_dim]: the tastes that pick each row's LoRA experts (default z); see
+    `plural_diffusion.experts`.
 
     `conditioner=None` runs the base UNet: if taste is attached it feeds the exact-identity
     inputs (zero tokens / zero embedding), e.g. for a KL-to-base reference with LoRA disabled.
@@ -312,6 +359,8 @@ def unet_forward(
             raise RuntimeError(
                 "the UNet is not prepared for this conditioner; call conditioner.attach(unet)"
             )
+        if cfg.experts:
+            set_gate(inner, conditioner.gates(z if route is None else route, batch))
         taste = conditioner(conditioner.null_taste(batch) if z is None else z)
         if cfg.mode == "tokens":
             taste = taste.to(encoder_hidden_states.dtype)  # [B, n, C]

@@ -34,7 +34,7 @@ from plural_diffusion.backbone import (
 )
 from plural_diffusion.conditioning import TasteConditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
-from plural_diffusion.rewards import TasteRewards
+from plural_diffusion.rewards import SoftminWeights, TasteRewards
 from plural_diffusion.sampling import guided_noise, sample
 from plural_diffusion.train_config import TrainConfig
 from reward_models.config import to_dict
@@ -79,13 +79,16 @@ class Trainer:
         self.unet = self.pipe.unet
         for module in (self.pipe.vae, self.pipe.text_encoder, self.unet):
             module.requires_grad_(False)
-        add_lora(self.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
-        if cfg.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
         space = "latent" if cfg.taste.source == "latents" else "rater"
         self.rewards = TasteRewards(
             cfg.rewards, device=self.device, space=space, mean_head=cfg.mean_head or None
         )
+        n_experts = self._n_experts()
+        # each expert is a LoRA of rank r with alpha / r scaling, as one LoRA without experts
+        lora_rank, lora_alpha = cfg.lora.rank * n_experts, cfg.lora.alpha * n_experts
+        add_lora(self.unet, lora_rank, lora_alpha, cfg.lora.target_modules)
+        if cfg.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         if cfg.ensemble_penalty > 0 and not self.rewards.members:
             raise UserError(
                 f"ensemble_penalty={cfg.ensemble_penalty} needs a reward run with ensemble heads; "
@@ -93,8 +96,14 @@ class Trainer:
             )
         self.conditioner = None
         if cfg.objective == "matched":
-            conditioning = dataclasses.replace(cfg.conditioning, taste_dim=self.rewards.taste_dim)
+            conditioning = dataclasses.replace(
+                cfg.conditioning,
+                taste_dim=self.rewards.taste_dim,
+                experts=n_experts if n_experts > 1 else 0,
+            )
             self.conditioner = TasteConditioner.for_unet(conditioning, self.unet).to(self.device)
+            if n_experts > 1:
+                self.conditioner.set_experts(self.rewards.cluster_tastes)
             self.conditioner.attach(self.unet)
         self.tastes, self.taste_names, self.taste_weights = self._taste_table()
         self.params = trainable_parameters(self.unet, self.conditioner)
@@ -107,6 +116,47 @@ class Trainer:
             self.prompt_embeds, self.negative_embeds = self.pipe.encode_prompt(
                 cfg.prompts, self.device, 1, True, [cfg.negative_prompt] * len(cfg.prompts)
             )
+        self.maxmin = None
+        if cfg.objective == "maxmin":
+            self.maxmin = SoftminWeights(
+                len(self.rewards.cluster_names), cfg.maxmin.temperature, cfg.maxmin.momentum
+            )
+            self._calibrate_clusters()
+
+    def _n_experts(self) -> int:
+        """LoRA experts: one per taste cluster with lora.experts for objective=matched, else 1
+        (one LoRA; the taste-blind objectives have no taste to route by)."""
+        cfg = self.cfg
+        if not cfg.lora.experts or cfg.objective != "matched":
+            return 1
+        k = len(self.rewards.cluster_names)
+        if k < 2:
+            raise UserError(
+                f"lora.experts needs at least 2 taste clusters, the reward run has {k}; set "
+                "lora.experts=false (one shared LoRA)"
+            )
+        return k
+
+    @torch.no_grad()
+    def _calibrate_clusters(self) -> None:
+        """maxmin: standardise each cluster's head on the base model's own images (the fresh
+        LoRA is the identity), drawn from a generator of their own so that training draws the
+        same prompts and noise with or without this step."""
+        generator, images = self.generator, []
+        self.generator = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        try:
+            for _ in range(self.cfg.maxmin.calibration_batches):
+                prompt, _, _, noise = self.draw_batch(self.cfg.draft.batch_size)
+                embeds, negative = self._embeds(prompt)
+                with self.accelerator.autocast():
+                    traj = sample(
+                        self.unet, None, self.pipe.vae, self.pipe.scheduler, embeds, negative,
+                        None, self.cfg.sampling, generator=self.generator, init_latents=noise,
+                    )  # fmt: skip
+                images.append(traj.images.float())
+        finally:
+            self.generator = generator
+        self.rewards.calibrate(self.accelerator.gather(torch.cat(images)))
 
     # ------------------------------------------------------------------ tastes and batches
     def _taste_table(self):
@@ -168,9 +218,16 @@ class Trainer:
     def _reward(self, images, z, taste):
         """The reward of each image for the taste it was generated for, [B] (taste: indices
         into the taste table, for the ensemble penalty)."""
+        weights = None
+        if self.maxmin is not None:  # the worst-off clusters, from estimates over past batches
+            with torch.no_grad():
+                scores = self.rewards.standardized_cluster_scores(self.rewards.features(images))
+                batch_mean = self.accelerator.reduce(scores.float().mean(dim=0), "mean")
+            self.maxmin.observe(batch_mean)
+            weights = self.maxmin.weights().to(images.device)
         return self.rewards.reward(
             images, z, self.cfg.objective, penalty=self.cfg.ensemble_penalty,
-            taste_index=taste, source=self.cfg.taste.source,
+            taste_index=taste, source=self.cfg.taste.source, cluster_weights=weights,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ one epoch
@@ -285,7 +342,7 @@ class Trainer:
         """Reward backpropagation through the last K denoising steps and the decoder."""
         cfg, draft = self.cfg, self.cfg.draft
         self.unet.train()
-        rewards, tastes, images, losses = [], [], [], []
+        rewards, tastes, images, losses, kls = [], [], [], [], []
         for _ in range(draft.steps_per_epoch):
             prompt, taste, z, noise = self.draw_batch(draft.batch_size)
             embeds, negative = self._embeds(prompt)
@@ -303,6 +360,10 @@ class Trainer:
                 loss = -(reward / std).mean()
             else:
                 loss = -reward.mean()
+            if draft.kl_weight > 0:
+                kl = self._draft_kl(traj, embeds, negative, z)
+                kls.append(kl.detach())
+                loss = loss + draft.kl_weight * kl
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             self._optimizer_step()
@@ -310,8 +371,22 @@ class Trainer:
             tastes.append(taste)
             images.append(traj.images.detach())
             losses.append(loss.item())
-        stats = {"loss": losses}
+        stats = {"loss": losses, "kl_to_base": [k.item() for k in kls]}
         return self._epoch_log(torch.cat(rewards), torch.cat(tastes), torch.cat(images), stats)
+
+    def _draft_kl(self, traj, embeds, negative, z) -> torch.Tensor:
+        """KL to the base model at one random denoising step before the backpropagated ones,
+        with gradient: the earlier steps set an image's layout, which the reward's gradient
+        through the last step never sees, and it is there that a policy collapses to one look."""
+        n_free = len(traj.timesteps) - self.cfg.draft.last_k_steps
+        j = int(torch.randint(max(1, n_free), (1,), generator=self.generator))
+        x_t, t = traj.latents[:, j], traj.timesteps[j]
+        with self.accelerator.autocast():
+            noise_pred = guided_noise(
+                self.unet, self.conditioner, x_t, t, embeds, negative, z,
+                self.cfg.sampling.guidance_scale,
+            )  # fmt: skip
+        return self._kl_to_base(noise_pred, x_t, t, embeds, negative)
 
     def _optimizer_step(self):
         if self.accelerator.num_processes > 1:
@@ -376,6 +451,7 @@ class Trainer:
                 "generator": self.generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "tracker": self.tracker.state_dict(),
+                "maxmin": None if self.maxmin is None else self.maxmin.state_dict(),
                 "history": self.history,
             }
             torch.save(state, tmp / STATE_NAME)
@@ -393,6 +469,8 @@ class Trainer:
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         self.tracker.load_state_dict(state["tracker"])
+        if self.maxmin is not None:
+            self.maxmin.load_state_dict(state["maxmin"])
         self.history = state["history"]
         self.epoch = state["epoch"]
 

@@ -5,8 +5,9 @@ taste clusters, trained by `reward-models train`) and the CLIP model its feature
 
     matched  r(x, z) with the rater head, z the taste the image was generated for
     mean     the mean head r(x): the baseline
-    maxmin   the rater head at the centroid of the cluster whose batch-mean reward is lowest
-             (the egalitarian objective: raise the worst-off group)
+    maxmin   the egalitarian objective (raise the worst-off group): each cluster's utility,
+             standardised on the base model's own images (`calibrate`), weighted by a softmin
+             over running estimates of how well each cluster is served (`SoftminWeights`)
 
 With `penalty` k > 0 each reward becomes r - k * std, the std taken over an ensemble of rater
 heads (the run's own plus its `ensemble/` members, each fitted on a bootstrap of the ratings)
@@ -81,6 +82,7 @@ class TasteRewards:
         else:
             raise UserError(f"unknown taste space {space!r}; use rater or latent")
         self.cluster_tastes = self.cluster_tastes_in(space)  # [K, d]
+        self.cluster_loc = self.cluster_scale = None  # [K] each, see `calibrate`
         self.cluster_members = [
             (labels == k).nonzero()[:, 0] for k in range(len(self.cluster_names))
         ]
@@ -122,6 +124,20 @@ class TasteRewards:
         x = features.repeat_interleave(k, dim=0)
         return self.taste_head.score(x, z).view(batch, k)
 
+    @torch.no_grad()
+    def calibrate(self, images: torch.Tensor) -> None:
+        """Put the clusters' utilities on one scale: the mean and std of each cluster's head
+        over `images` [N, 3, H, W] (the base model's own samples)."""
+        scores = self.cluster_scores(self.features(images)).float()  # [N, K]
+        self.cluster_loc = scores.mean(dim=0)
+        self.cluster_scale = scores.std(dim=0).clamp(min=1e-6)
+
+    def standardized_cluster_scores(self, features: torch.Tensor) -> torch.Tensor:
+        """[B, K] cluster utilities in standard deviations from the calibration images' mean."""
+        if self.cluster_loc is None:
+            raise UserError("standardised cluster scores need calibrate(images) first")
+        return (self.cluster_scores(features) - self.cluster_loc) / self.cluster_scale
+
     def reward(
         self,
         images: torch.Tensor,
@@ -130,8 +146,11 @@ class TasteRewards:
         penalty: float = 0.0,
         taste_index: torch.Tensor | None = None,
         source: TasteSource = "clusters",
+        cluster_weights: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reward [B] of each image under `objective`.
+
+        cluster_weights [K]: maxmin's weight on each cluster's standardised utility.
 
         taste: [B, d], required for matched. penalty > 0 subtracts `penalty` times the
         ensemble's std, which needs `taste_index` [B] (rows of the `source` taste table) for
@@ -145,10 +164,12 @@ class TasteRewards:
                 raise UserError("objective=matched needs a taste per image")
             reward, index = self.taste_head.score(features, taste), taste_index
         elif objective == "maxmin":
-            scores = self.cluster_scores(features)  # [B, K]
-            worst = scores.detach().mean(dim=0).argmin()
-            reward, source = scores[:, worst], "clusters"
-            index = worst.expand(features.shape[0])
+            if cluster_weights is None:
+                raise UserError("objective=maxmin needs the clusters' weights (SoftminWeights)")
+            scores = self.standardized_cluster_scores(features)  # [B, K]
+            reward = scores @ cluster_weights.to(scores)
+            # the ensemble penalty reads the taste of the cluster that weighs most
+            index, source = cluster_weights.argmax().expand(features.shape[0]), "clusters"
         else:
             raise UserError(f"unknown objective {objective!r}; use matched, mean or maxmin")
         if penalty > 0:
@@ -180,3 +201,38 @@ class TasteRewards:
 def _cluster_means(tastes: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
     """Mean taste of each cluster's raters: tastes [R, d], labels [R] -> [K, d]."""
     return torch.stack([tastes[labels.to(tastes.device) == i].mean(dim=0) for i in range(k)])
+
+
+class SoftminWeights:
+    """Weights [K] on the clusters for the egalitarian objective: a softmin over running
+    estimates of each cluster's standardised reward. The worst-off cluster weighs most, chosen
+    from the estimates over many batches rather than re-picked per batch, and a cluster that
+    has caught up hands its weight on smoothly instead of flipping the objective."""
+
+    def __init__(self, n_clusters: int, temperature: float = 0.5, momentum: float = 0.9):
+        if n_clusters < 2:
+            raise UserError(
+                f"objective=maxmin with {n_clusters} taste cluster: there is no worst-off group "
+                "to raise; use objective=mean, or a reward run with clusters.n_clusters >= 2"
+            )
+        if temperature <= 0 or not 0 <= momentum < 1:
+            raise UserError(
+                f"maxmin.temperature={temperature} must be > 0 and maxmin.momentum={momentum} "
+                "in [0, 1)"
+            )
+        self.temperature, self.momentum = temperature, momentum
+        self.estimate = torch.zeros(n_clusters)  # the base model's images average 0
+
+    def weights(self) -> torch.Tensor:
+        return torch.softmax(-self.estimate / self.temperature, dim=0)
+
+    def observe(self, batch_mean: torch.Tensor) -> None:
+        """Fold in one batch's mean standardised reward per cluster, [K]."""
+        m = self.momentum
+        self.estimate = m * self.estimate + (1 - m) * batch_mean.detach().float().cpu()
+
+    def state_dict(self) -> dict:
+        return {"estimate": self.estimate.tolist()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.estimate = torch.tensor(state["estimate"], dtype=torch.float32)

@@ -50,10 +50,12 @@ def guided_noise(
     if guidance_scale == 1.0:
         return unet_forward(unet, conditioner, latents, t, prompt_embeds, taste)
     batch = latents.shape[0]
-    z = None
+    z = route = None
     if conditioner is not None:
         null = conditioner.null_taste(batch)
-        z = torch.cat([null, null if taste is None else taste.to(null.dtype)])
+        asked = null if taste is None else taste.to(null.dtype)
+        z = torch.cat([null, asked])
+        route = torch.cat([asked, asked])  # both halves through the taste's LoRA experts
     out = unet_forward(
         unet,
         conditioner,
@@ -61,6 +63,7 @@ def guided_noise(
         t,
         torch.cat([negative_embeds, prompt_embeds]),
         z,
+        route=route,
     )
     uncond, cond = out.float().chunk(2)
     return uncond + guidance_scale * (cond - uncond)

@@ -24,6 +24,10 @@ class LoraSettings:
     rank: int = 4
     alpha: float = 4.0
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # objective=matched: one LoRA expert of this rank per taste cluster, each image's update
+    # routed by its taste (`plural_diffusion.experts`), so a large or steep taste cannot pull a
+    # small one's images toward itself through shared weights
+    experts: bool = False
 
 
 @dataclass
@@ -65,6 +69,19 @@ class DraftSettings:
     # DDPO's advantages do: tastes are scored by heads of different steepness, and without it
     # the steepest head's taste takes most of the shared LoRA's updates
     normalize: bool = True
+    # KL-to-base penalty at one random earlier denoising step per batch (the steps that set an
+    # image's layout), against the same UNet with the LoRA off: keeps several looks per taste
+    kl_weight: float = 0.0
+
+
+@dataclass
+class MaxminSettings:
+    # objective=maxmin: each cluster's head is standardised on the base model's own images
+    # (this many batches, drawn at the start), so "worst-off" compares like with like; the
+    # clusters are weighted by a softmin over running estimates of their standardised rewards
+    calibration_batches: int = 2
+    temperature: float = 0.5  # softmin temperature, in standard deviations of the base's scores
+    momentum: float = 0.9  # of the running per-cluster estimates
 
 
 @dataclass
@@ -98,3 +115,4 @@ class TrainConfig:
     taste: TasteSampling = field(default_factory=TasteSampling)
     ddpo: DDPOSettings = field(default_factory=DDPOSettings)
     draft: DraftSettings = field(default_factory=DraftSettings)
+    maxmin: MaxminSettings = field(default_factory=MaxminSettings)

@@ -304,3 +304,62 @@ def test_a_social_head_replaces_the_mean_head_of_the_mean_objective(
     assert not torch.allclose(expected, trainer.rewards.run.mean.score(features, None))
     log = trainer.train_epoch()
     assert torch.isfinite(torch.tensor(log["reward_mean"]))
+
+
+def test_lora_experts_give_each_cluster_its_own_block_and_reload_for_generation(
+    toy_assets, reward_run, tmp_path
+):
+    from plural_diffusion.evaluate import EvalConfig, generate
+    from plural_diffusion.sampling import SamplingConfig
+
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "lora.experts=true", "epochs=2", "lr=0.01")
+    trainer = Trainer(cfg)
+    assert trainer.conditioner.config.experts == 3
+    trainer.fit(progress=False)
+    weights = lora_weights(tmp_path / "run")
+    a = next(v for k, v in weights.items() if "lora_A" in k or "lora.down" in k)
+    assert a.shape[0] == 3 * cfg.lora.rank  # three experts of the configured rank
+    # a cluster's own taste routes (almost) all of its update to its own expert
+    gates = trainer.conditioner.gates(trainer.rewards.cluster_tastes, 3)
+    assert (gates.diagonal() > 0.9).all(), gates
+    # the saved policy generates through the same routing as the trainer
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    ev = EvalConfig(images_per_prompt=2, sampling=SamplingConfig(steps=6))
+    images = generate(str(toy_assets.base), ckpt / "policy", trainer.rewards, ev)
+    assert set(images) == {"noir", "sunny", "vivid"}
+    assert (images["noir"] - images["sunny"]).abs().max() > 0.01
+
+
+@pytest.mark.parametrize("objective", ["mean", "maxmin"])
+def test_lora_experts_leave_the_taste_blind_objectives_one_lora(
+    toy_assets, reward_run, tmp_path, objective
+):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "lora.experts=true", f"objective={objective}")
+    trainer = Trainer(cfg)  # one config trains every policy of the demo
+    a = next(p for n, p in trainer.unet.named_parameters() if "lora_A" in n)
+    assert a.shape[0] == cfg.lora.rank
+
+
+def test_maxmin_scores_clusters_on_the_base_models_scale_weighted_toward_the_worst_off(
+    toy_assets, reward_run, tmp_path
+):
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "objective=maxmin"))
+    rewards = trainer.rewards
+    assert rewards.cluster_loc is not None and (rewards.cluster_scale > 0).all()
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    trainer.maxmin.estimate = torch.tensor([0.5, -1.0, 0.5])  # cluster 1 served worst so far
+    reward = trainer._reward(images, None, None)
+    weights = trainer.maxmin.weights()
+    assert weights.argmax() == 1
+    raw = rewards.cluster_scores(rewards.features(images))
+    expected = ((raw - rewards.cluster_loc) / rewards.cluster_scale) @ weights
+    torch.testing.assert_close(reward, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_draft_kl_penalty_is_zero_for_the_fresh_adapter_and_logged(toy_assets, reward_run, tmp_path):
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "draft.kl_weight=10", "epochs=1"))
+    log = trainer.train_epoch()
+    # the first batch is sampled by the zero-initialised LoRA: the policy is the base model
+    assert log["kl_to_base"] == pytest.approx(0.0, abs=1e-10)
+    log = trainer.train_epoch()
+    assert log["kl_to_base"] > 0
