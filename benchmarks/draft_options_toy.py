@@ -5,15 +5,23 @@
         "epochs=12 draft.normalize=false" "epochs=12 seed=1" "epochs=24 draft.normalize=false"
     python benchmarks/draft_options_toy.py --reward-overrides ensemble_size=4 \
         "epochs=12 ensemble_penalty=1.0" "epochs=12 ensemble_penalty=3.0"
+    python benchmarks/draft_options_toy.py --base-seed 1 "lora.experts=true" "lora.experts=false"
+
+--base-seed trains (and caches) the toy base from another seed, as the demo's
+prepare.base.seed does. Each line also gives the within-taste Vendi score of the held-out
+images (CLIP features, 16 per taste) and the base model's Vendi on the same prompts and noise.
 """
 
 import argparse
+import contextlib
 
 import torch
 
+from plural_diffusion.backbone import disable_adapters
 from plural_diffusion.cache import cache_root
 from plural_diffusion.ddpo import Trainer
 from plural_diffusion.demo import CONFIGS, DemoConfig, gold_in_head_order, stage_rewards
+from plural_diffusion.evaluate import vendi_score
 from plural_diffusion.rewards import TasteRewards
 from plural_diffusion.sampling import sample
 from plural_diffusion.toyworld.prepare import prepare_toy
@@ -23,27 +31,39 @@ from reward_models.config import load_config
 
 
 @torch.no_grad()
-def held_out_gold(trainer: Trainer, gold, n: int = 48) -> list[float]:
-    """Gold utility per cluster of images made for that cluster (all images if taste-blind)."""
+def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
+    """Gold utility per cluster of images made for that cluster (all images if taste-blind),
+    and the Vendi score of each taste's images; base=True samples with the LoRA off."""
     g = torch.Generator().manual_seed(1234)
     trainer.generator = g
     prompt, taste, z, noise = trainer.draw_batch(n)
     embeds, negative = trainer._embeds(prompt)
-    traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
-                  embeds, negative, z, trainer.cfg.sampling, generator=g, init_latents=noise)  # fmt: skip
+    conditioner = None if base else trainer.conditioner
+    with disable_adapters(trainer.unet) if base else contextlib.nullcontext():
+        traj = sample(trainer.unet, conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
+                      embeds, negative, None if base else z, trainer.cfg.sampling, generator=g,
+                      init_latents=noise)  # fmt: skip
     scores = gold(traj.images)  # [n, K]
-    if trainer.tastes is None:
-        return [round(x, 3) for x in scores.mean(0).tolist()]
-    return [round(scores[taste == k, k].mean().item(), 3) for k in range(scores.shape[1])]
+    features = trainer.rewards.features(traj.images)
+    if trainer.tastes is None or base:
+        return [round(x, 3) for x in scores.mean(0).tolist()], [round(vendi_score(features), 2)]
+    ks = range(scores.shape[1])
+    return (
+        [round(scores[taste == k, k].mean().item(), 3) for k in ks],
+        [round(vendi_score(features[taste == k]), 2) for k in ks],
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help='one quoted set of train overrides per run')
     parser.add_argument("--reward-overrides", nargs="*", default=[])
+    parser.add_argument("--base-seed", type=int, default=None, help="toy base seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = load_config(DemoConfig, CONFIGS / "demo.yaml")
+    if args.base_seed is not None:
+        cfg.prepare.base.seed = args.base_seed
     cfg.reward_overrides = [*cfg.reward_overrides, *args.reward_overrides]
     assets = prepare_toy(cfg.prepare, progress=False)
     run = stage_rewards(cfg, assets, cache_root())
@@ -54,9 +74,13 @@ def main() -> None:
             f"out_dir=runs/bench/draft_options/{overrides.replace(' ', '_')}", *overrides.split(),
         ])  # fmt: skip
         trainer = Trainer(tcfg, gold_fn=gold)
+        if overrides == args.runs[0]:
+            gold_base, vendi_base = held_out(trainer, gold, base=True)
+            print(f"base model: held-out gold {gold_base}, Vendi {vendi_base}", flush=True)
         history = trainer.fit(progress=False)
         seconds = round(sum(e["seconds"] for e in history))
-        print(f"{overrides}: {seconds} s, held-out gold per cluster {held_out_gold(trainer, gold)}")
+        g, v = held_out(trainer, gold)
+        print(f"{overrides}: {seconds} s, held-out gold per cluster {g}, Vendi {v}", flush=True)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,9 @@ class TasteConditioningConfig:
     # into one block per taste cluster, gated by the taste's soft cluster assignment. 0 = one
     # LoRA shared by every taste.
     experts: int = 0
+    # one more block of the LoRA that every taste uses (gate 1): what the tastes share, next to
+    # what each cluster's own expert adds
+    shared_expert: bool = False
 
 
 class TasteEmbeddingSlot(nn.Module):
@@ -212,9 +215,13 @@ class TasteConditioner(nn.Module):
         self.expert_temperature.copy_(routing_temperature(centroids))
 
     def gates(self, z: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """Each image's weight on each LoRA expert, [B, E] (z None: the null taste)."""
+        """Each image's weight on each LoRA block, [B, E] (+ a column of ones for the shared
+        block), z None: the null taste."""
         z = self.null_taste(batch) if z is None else z
-        return expert_gates(z, self.expert_centroids, self.expert_temperature)
+        gates = expert_gates(z, self.expert_centroids, self.expert_temperature)
+        if self.config.shared_expert:
+            gates = torch.cat([gates, gates.new_ones(gates.shape[0], 1)], dim=1)
+        return gates
 
     @classmethod
     def for_unet(
@@ -294,7 +301,7 @@ class TasteConditioner(nn.Module):
                 "conditioning.experts=1 routes nothing; use 0 (one shared LoRA) or the number "
                 "of taste clusters"
             )
-        install_experts(unet, self.config.experts)
+        install_experts(unet, self.config.experts + int(self.config.shared_expert))
 
 
 def detach_taste(unet: UNet2DConditionModel) -> None:

@@ -84,8 +84,10 @@ class Trainer:
             cfg.rewards, device=self.device, space=space, mean_head=cfg.mean_head or None
         )
         n_experts = self._n_experts()
-        # each expert is a LoRA of rank r with alpha / r scaling, as one LoRA without experts
-        lora_rank, lora_alpha = cfg.lora.rank * n_experts, cfg.lora.alpha * n_experts
+        shared = n_experts > 1 and cfg.lora.shared_expert
+        # each block is a LoRA of rank r with alpha / r scaling, as one LoRA without experts
+        n_blocks = n_experts + int(shared)
+        lora_rank, lora_alpha = cfg.lora.rank * n_blocks, cfg.lora.alpha * n_blocks
         add_lora(self.unet, lora_rank, lora_alpha, cfg.lora.target_modules)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -100,6 +102,7 @@ class Trainer:
                 cfg.conditioning,
                 taste_dim=self.rewards.taste_dim,
                 experts=n_experts if n_experts > 1 else 0,
+                shared_expert=shared,
             )
             self.conditioner = TasteConditioner.for_unet(conditioning, self.unet).to(self.device)
             if n_experts > 1:
@@ -342,7 +345,7 @@ class Trainer:
         """Reward backpropagation through the last K denoising steps and the decoder."""
         cfg, draft = self.cfg, self.cfg.draft
         self.unet.train()
-        rewards, tastes, images, losses, kls = [], [], [], [], []
+        rewards, tastes, images, losses, kls, sims = [], [], [], [], [], []
         for _ in range(draft.steps_per_epoch):
             prompt, taste, z, noise = self.draw_batch(draft.batch_size)
             embeds, negative = self._embeds(prompt)
@@ -364,6 +367,10 @@ class Trainer:
                 kl = self._draft_kl(traj, embeds, negative, z)
                 kls.append(kl.detach())
                 loss = loss + draft.kl_weight * kl
+            if draft.diversity_weight > 0:
+                similarity = self._within_taste_similarity(traj.images, taste)
+                sims.append(similarity.detach())
+                loss = loss + draft.diversity_weight * similarity
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
             self._optimizer_step()
@@ -371,8 +378,22 @@ class Trainer:
             tastes.append(taste)
             images.append(traj.images.detach())
             losses.append(loss.item())
-        stats = {"loss": losses, "kl_to_base": [k.item() for k in kls]}
+        stats = {
+            "loss": losses,
+            "kl_to_base": [k.item() for k in kls],
+            "within_taste_similarity": [s.item() for s in sims],
+        }
         return self._epoch_log(torch.cat(rewards), torch.cat(tastes), torch.cat(images), stats)
+
+    def _within_taste_similarity(self, images, taste) -> torch.Tensor:
+        """Mean CLIP cosine similarity between distinct images of the batch asked for the same
+        taste (differentiable; 1 = one look)."""
+        features = torch.nn.functional.normalize(self.rewards.features(images), dim=1)  # [B, D]
+        same = taste[:, None].eq(taste[None, :]).to(features.device)
+        same.fill_diagonal_(False)
+        if not same.any():
+            return features.new_zeros(())
+        return (features @ features.T)[same].mean()
 
     def _draft_kl(self, traj, embeds, negative, z) -> torch.Tensor:
         """KL to the base model at one random denoising step before the backpropagated ones,
@@ -484,9 +505,9 @@ class Trainer:
                 (self.out_dir / "log.jsonl").write_text(lines)
         if cfg.tensorboard:
             self.accelerator.init_trackers("tensorboard")
-        bar = tqdm(total=cfg.epochs, initial=self.epoch, desc=f"{cfg.objective} ({cfg.method})",
+        bar = tqdm(total=cfg.n_epochs, initial=self.epoch, desc=f"{cfg.objective} ({cfg.method})",
                    disable=not progress or not self.accelerator.is_main_process)  # fmt: skip
-        while self.epoch < cfg.epochs:
+        while self.epoch < cfg.n_epochs:
             t0 = time.perf_counter()
             log = self.train_epoch()
             log["seconds"] = round(time.perf_counter() - t0, 2)
@@ -497,7 +518,7 @@ class Trainer:
             if self.accelerator.is_main_process:
                 with open(self.out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(log) + "\n")
-                if self.epoch % cfg.save_every == 0 or self.epoch == cfg.epochs:
+                if self.epoch % cfg.save_every == 0 or self.epoch == cfg.n_epochs:
                     self.save(ckpt_root / f"epoch-{self.epoch:04d}")
             bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             bar.update(1)

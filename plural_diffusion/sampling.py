@@ -72,7 +72,12 @@ def guided_noise(
 def decode_images(vae, latents: torch.Tensor) -> torch.Tensor:
     """Latents [B, C, h, w] -> images [B, 3, H, W] in [0, 1] (differentiable)."""
     images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    images = images.float() / 2 + 0.5
+    # straight-through clamp: the values are clamped, the gradient passes unclipped. A plain
+    # clamp gives a blown-out (or crushed) image zero gradient, and a reward backpropagated to
+    # it could never pull it back into range (measured: a base whose samples are mostly white
+    # left one taste's LoRA expert without any signal)
+    return images + (images.clamp(0, 1) - images).detach()
 
 
 def sample(

@@ -28,6 +28,9 @@ class LoraSettings:
     # routed by its taste (`plural_diffusion.experts`), so a large or steep taste cannot pull a
     # small one's images toward itself through shared weights
     experts: bool = False
+    # with experts: one more LoRA block of this rank shared by every taste (what the tastes have
+    # in common, e.g. leaving a base whose samples are all bright), next to each cluster's own
+    shared_expert: bool = True
 
 
 @dataclass
@@ -46,6 +49,7 @@ class TasteSampling:
 
 @dataclass
 class DDPOSettings:
+    epochs: int = 100  # when the top-level `epochs` is 0
     sample_batch_size: int = 12  # images per sampling batch
     sample_batches: int = 2  # sampling batches per epoch
     train_batch_size: int = 12
@@ -62,6 +66,7 @@ class DDPOSettings:
 
 @dataclass
 class DraftSettings:
+    epochs: int = 20  # when the top-level `epochs` is 0
     batch_size: int = 12
     steps_per_epoch: int = 2
     last_k_steps: int = 1  # backpropagate the reward through the last K denoising steps
@@ -72,6 +77,9 @@ class DraftSettings:
     # KL-to-base penalty at one random earlier denoising step per batch (the steps that set an
     # image's layout), against the same UNet with the LoRA off: keeps several looks per taste
     kl_weight: float = 0.0
+    # minus this times the mean CLIP cosine similarity between images asked for the same taste
+    # in a batch: reward backpropagation otherwise finds one look per taste
+    diversity_weight: float = 0.0
 
 
 @dataclass
@@ -95,7 +103,9 @@ class TrainConfig:
     method: Literal["ddpo", "draft"] = "ddpo"
     prompts: list[str] = field(default_factory=default_prompts)
     negative_prompt: str = ""
-    epochs: int = 20
+    # 0: the method's own number (ddpo.epochs or draft.epochs; the methods need very different
+    # numbers of samples), so switching `method` alone gives a sensible run
+    epochs: int = 0
     lr: float = 3e-4
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
@@ -116,3 +126,8 @@ class TrainConfig:
     ddpo: DDPOSettings = field(default_factory=DDPOSettings)
     draft: DraftSettings = field(default_factory=DraftSettings)
     maxmin: MaxminSettings = field(default_factory=MaxminSettings)
+
+    @property
+    def n_epochs(self) -> int:
+        """The epochs this run trains: `epochs`, or the method's own when that is 0."""
+        return self.epochs or (self.draft.epochs if self.method == "draft" else self.ddpo.epochs)

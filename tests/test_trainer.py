@@ -318,10 +318,11 @@ def test_lora_experts_give_each_cluster_its_own_block_and_reload_for_generation(
     trainer.fit(progress=False)
     weights = lora_weights(tmp_path / "run")
     a = next(v for k, v in weights.items() if "lora_A" in k or "lora.down" in k)
-    assert a.shape[0] == 3 * cfg.lora.rank  # three experts of the configured rank
-    # a cluster's own taste routes (almost) all of its update to its own expert
+    assert a.shape[0] == 4 * cfg.lora.rank  # three experts and the shared block, rank r each
+    # a cluster's own taste routes (almost) all of its own update to its own expert; every
+    # taste uses the shared block
     gates = trainer.conditioner.gates(trainer.rewards.cluster_tastes, 3)
-    assert (gates.diagonal() > 0.9).all(), gates
+    assert (gates[:, :3].diagonal() > 0.9).all() and (gates[:, 3] == 1).all(), gates
     # the saved policy generates through the same routing as the trainer
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     ev = EvalConfig(images_per_prompt=2, sampling=SamplingConfig(steps=6))
