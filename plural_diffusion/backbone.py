@@ -122,6 +122,36 @@ def load_pipeline(
     return pipe
 
 
+SD15_DOWN_BLOCKS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+SD15_UP_BLOCKS = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+
+
+def architecture_mismatch(pipe: StableDiffusionPipeline, expected: str) -> str | None:
+    """What makes `pipe` not an `expected` ("sd15": Stable Diffusion 1.x) model, or None.
+
+    Checks the layout, not the sizes a test may scale down: SD 1.x's block types, block widths
+    in the ratio 1:2:4:4 (320/640/1280/1280), 768-wide text states (SD 2.x: 1024), 4 latent
+    channels and 8x VAE downsampling.
+    """
+    assert expected == "sd15", expected
+    unet, vae = pipe.unet.config, pipe.vae.config
+    widths = tuple(unet.block_out_channels)
+    text_width = pipe.text_encoder.config.hidden_size
+    if unet.cross_attention_dim != 768 or text_width != 768:
+        return f"text states are {unet.cross_attention_dim} wide (SD 1.x: 768; SD 2.x: 1024)"
+    if tuple(unet.down_block_types) != SD15_DOWN_BLOCKS or tuple(unet.up_block_types) != (
+        SD15_UP_BLOCKS
+    ):
+        return f"UNet blocks are {list(unet.down_block_types)} (SD 1.x: {list(SD15_DOWN_BLOCKS)})"
+    if len(widths) != 4 or [w / widths[0] for w in widths] != [1, 2, 4, 4]:
+        return f"UNet block widths are {list(widths)} (SD 1.x: 320, 640, 1280, 1280)"
+    if unet.in_channels != 4 or vae.latent_channels != 4:
+        return f"latents have {vae.latent_channels} channels (SD 1.x: 4)"
+    if len(vae.block_out_channels) != 4:
+        return f"the VAE downsamples {2 ** (len(vae.block_out_channels) - 1)}x (SD 1.x: 8x)"
+    return None
+
+
 def add_lora(
     unet: UNet2DConditionModel,
     rank: int = 4,

@@ -73,7 +73,10 @@ class TasteConditioningConfig:
     # Width of the UNet input the taste lands in: cross_attention_dim ("tokens") or the timestep
     # embedding width ("timestep"). None = read from the UNet by `TasteConditioner.for_unet`.
     out_dim: int | None = None
-    taste_dropout: float = 0.1  # probability of training on the null taste instead (CFG-style)
+    # share of training images asked for the null taste ("no preference") and scored for the
+    # taste they were drawn for: trains the null taste as the taste-marginal that CFG's
+    # unconditional half and `--taste mean` use (see Trainer.draw_batch)
+    taste_dropout: float = 0.0
     # LoRA experts routed by the taste (`plural_diffusion.experts`): the LoRA's rank splits
     # into one block per taste cluster, gated by the taste's soft cluster assignment. 0 = one
     # LoRA shared by every taste.
@@ -164,7 +167,15 @@ class TasteAttnProcessor:
 
 
 def _cross_attentions(unet: UNet2DConditionModel) -> list[Attention]:
-    return [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+    # Cached on the UNet: `unet_forward` asks on every call, and walking all of SD 1.5's UNet
+    # modules each time is pure host overhead (see benchmarks/host_overhead_toy.py). The
+    # Attention modules never change after construction (peft and set_processor replace what
+    # is inside them), so the list stays valid.
+    cached = unet.__dict__.get("_taste_cross_attentions")
+    if cached is None:
+        cached = [m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention]
+        unet.__dict__["_taste_cross_attentions"] = cached
+    return cached
 
 
 def _time_embed_dim(unet: UNet2DConditionModel) -> int:
@@ -247,7 +258,9 @@ class TasteConditioner(nn.Module):
     ) -> torch.Tensor:
         """z [B, d] with each row replaced by the null taste with probability p (config default)."""
         p = self.config.taste_dropout if p is None else p
-        drop = torch.rand(z.shape[0], generator=generator, device=z.device) < p  # [B]
+        # drawn where the generator lives (a CPU generator cannot draw on CUDA), then moved
+        where = generator.device if generator is not None else z.device
+        drop = (torch.rand(z.shape[0], generator=generator, device=where) < p).to(z.device)
         return torch.where(drop[:, None], self.null_taste(z.shape[0]).to(z.dtype), z)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

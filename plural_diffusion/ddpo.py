@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from plural_diffusion.advantages import PerKeyStatTracker
 from plural_diffusion.backbone import (
     add_lora,
+    architecture_mismatch,
     disable_adapters,
     load_checkpoint,
     load_pipeline,
@@ -36,13 +38,24 @@ from plural_diffusion.conditioning import TasteConditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
 from plural_diffusion.rewards import SoftminWeights, TasteRewards
 from plural_diffusion.sampling import guided_noise, sample
-from plural_diffusion.train_config import TrainConfig
+from plural_diffusion.train_config import TrainConfig, check_options
+from plural_diffusion.trainer_state import (
+    STATE_JSON,
+    gather_per_rank,
+    optimizer_from_plain,
+    optimizer_to_plain,
+    rank_tensors,
+    read_state,
+    write_state,
+)
 from reward_models.config import to_dict
 from reward_models.errors import UserError
 from reward_models.io import atomic_dir, write_json
 
-STATE_NAME = "trainer_state.pt"
 POLICY_DIR = "policy"
+# fp16: the loss scaler skips a step whose gradients overflow and halves the scale; this many
+# skips in a row means the gradients are non-finite at any scale
+MAX_SKIPPED_STEPS = 20
 
 
 class Trainer:
@@ -59,8 +72,9 @@ class Trainer:
             raise UserError("no prompts: set prompts=[...]")
         self.cfg = cfg
         self.gold_fn = gold_fn
-        torch.manual_seed(cfg.seed)  # LoRA and taste-module initialisation
         cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+        check_options(cfg, cpu)
+        torch.manual_seed(cfg.seed)  # LoRA and taste-module initialisation
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             cpu=cpu,
@@ -68,14 +82,28 @@ class Trainer:
             project_dir=cfg.out_dir,
         )
         self.device = self.accelerator.device
+        cuda = self.device.type == "cuda"
+        if cfg.allow_tf32 and cuda and torch.cuda.get_device_capability(self.device)[0] >= 8:
+            torch.set_float32_matmul_precision("high")  # TF32 matmuls (Ampere and newer)
         self.out_dir = Path(cfg.out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
         # ---- models: frozen base + LoRA (+ taste conditioner for the matched objective)
         weight_dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
         self.pipe = load_pipeline(
-            cfg.base, dtype=weight_dtype[cfg.mixed_precision], device=self.device
+            cfg.base,
+            dtype=weight_dtype[cfg.mixed_precision],
+            device=self.device,
+            xformers=cfg.attention == "xformers",
         )
+        if cfg.expect_architecture and (
+            why := architecture_mismatch(self.pipe, cfg.expect_architecture)
+        ):
+            raise UserError(
+                f"{cfg.base}: expect_architecture={cfg.expect_architecture} but its {why}; "
+                "use a Stable Diffusion 1.x base, or set expect_architecture='' for another model"
+            )
+        self.latent_size = self._latent_size()
         self.unet = self.pipe.unet
         for module in (self.pipe.vae, self.pipe.text_encoder, self.unet):
             module.requires_grad_(False)
@@ -91,6 +119,17 @@ class Trainer:
         add_lora(self.unet, lora_rank, lora_alpha, cfg.lora.target_modules)
         if cfg.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if cfg.method == "draft" and cfg.draft.checkpoint_decoder:
+            # diffusers' own decoder checkpointing: active only while grad is on (DRaFT's
+            # backprop path), so DDPO-style no-grad decoding is unaffected
+            self.pipe.vae.enable_gradient_checkpointing()
+        clip_size = max(self.rewards.encoder.image_size)
+        if clip_size > self.latent_size * self.pipe.vae_scale_factor:
+            raise UserError(
+                f"the reward run's CLIP reads {clip_size} px images but the policy makes "
+                f"{self.latent_size * self.pipe.vae_scale_factor} px ones, which it would score "
+                f"upsampled; set resolution>={clip_size} or use a reward run on a CLIP for this size"
+            )
         if cfg.ensemble_penalty > 0 and not self.rewards.members:
             raise UserError(
                 f"ensemble_penalty={cfg.ensemble_penalty} needs a reward run with ensemble heads; "
@@ -110,9 +149,19 @@ class Trainer:
             self.conditioner.attach(self.unet)
         self.tastes, self.taste_names, self.taste_weights = self._taste_table()
         self.params = trainable_parameters(self.unet, self.conditioner)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # prepared: accelerate's wrapper unscales fp16 gradients (clip_grad_norm_) and skips a
+        # step whose gradients overflowed. Not the UNet: its LoRA gradients are averaged over
+        # processes by hand (`_optimizer_step`), as the LoRA lives outside any DDP wrapper.
+        self.optimizer = self.accelerator.prepare_optimizer(
+            torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        )
         self.tracker = PerKeyStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count)
         self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
+        # grouped sampling: the rest of a group (prompt, taste, initial noise) a batch cut off
+        self.pending = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
+                        torch.zeros(0, *self._latent_shape()))  # fmt: skip
+        self.skipped_steps = 0  # consecutive fp16 steps skipped on overflow
+        self.epoch_skipped = 0  # fp16 steps skipped in this epoch
         self.epoch = 0
         self.history: list[dict] = []
         with torch.no_grad():
@@ -183,36 +232,70 @@ class Trainer:
         mean, var = r.rater_tastes[rater], r.rater_taste_var[rater]
         return mean + var.sqrt() * torch.randn(mean.shape, generator=g).to(mean.device)
 
+    def _latent_size(self) -> int:
+        """The latents' side: `resolution` over the VAE's downsampling (default: the UNet's)."""
+        unet_cfg, factor = self.pipe.unet.config, self.pipe.vae_scale_factor
+        if self.cfg.resolution is None:
+            return unet_cfg.sample_size
+        multiple = factor * 2 ** (len(unet_cfg.down_block_types) - 1)
+        if self.cfg.resolution < multiple or self.cfg.resolution % multiple:
+            raise UserError(
+                f"resolution={self.cfg.resolution}: this base model needs a multiple of "
+                f"{multiple} (its own is {unet_cfg.sample_size * factor})"
+            )
+        return self.cfg.resolution // factor
+
+    def _latent_shape(self) -> tuple[int, int, int]:
+        return (self.pipe.unet.config.in_channels, self.latent_size, self.latent_size)
+
     def draw_batch(self, batch: int):
-        """Prompt indices [B], taste indices [B], taste vectors [B, d] | None, initial noise."""
+        """Prompt indices [B], taste indices [B], taste vectors [B, d] | None, initial noise.
+
+        Grouped (clusters, latents): a group is one prompt and one initial noise with one
+        sample per taste; batches are filled with whole groups, round-robin over the tastes,
+        and the rest of a group a batch cuts off starts the next batch, so any batch size works.
+        Taste dropout: a row whose policy is asked for the null taste has its taste index
+        raised by the number of tastes; `z` stays the taste it is scored for.
+        """
         g = self.generator
         n_tastes = len(self.taste_names)
-        unet_cfg = self.unet.config
-        shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
         per_cluster = self.cfg.taste.source in ("clusters", "latents")
         grouped = self.cfg.taste.grouped and self.tastes is not None and per_cluster
         if grouped:
-            if batch % n_tastes:
-                raise UserError(
-                    f"batch size {batch} is not a multiple of the {n_tastes} clusters; "
-                    "change the batch size or set taste.grouped=false"
-                )
-            groups = batch // n_tastes
-            prompt = torch.randint(len(self.cfg.prompts), (groups,), generator=g)
-            prompt = prompt.repeat_interleave(n_tastes)
-            taste = torch.arange(n_tastes).repeat(groups)
-            noise = torch.randn((groups, *shape), generator=g).repeat_interleave(n_tastes, dim=0)
+            prompt, taste, noise = self.pending
+            if (missing := batch - len(prompt)) > 0:
+                groups = -(-missing // n_tastes)
+                new_prompt = torch.randint(len(self.cfg.prompts), (groups,), generator=g)
+                new_noise = torch.randn((groups, *self._latent_shape()), generator=g)
+                prompt = torch.cat([prompt, new_prompt.repeat_interleave(n_tastes)])
+                taste = torch.cat([taste, torch.arange(n_tastes).repeat(groups)])
+                noise = torch.cat([noise, new_noise.repeat_interleave(n_tastes, dim=0)])
+            self.pending = (prompt[batch:], taste[batch:], noise[batch:])
+            prompt, taste, noise = prompt[:batch], taste[:batch], noise[:batch]
         else:
             prompt = torch.randint(len(self.cfg.prompts), (batch,), generator=g)
             taste = torch.multinomial(self.taste_weights, batch, replacement=True, generator=g)
-            noise = torch.randn((batch, *shape), generator=g)
+            noise = torch.randn((batch, *self._latent_shape()), generator=g)
         if self.tastes is None:
             z = None
         elif self.cfg.taste.source == "latents":
             z = self._latent_tastes(taste)
         else:
             z = self.tastes[taste.to(self.tastes.device)]
+        if self.conditioner is not None and (p := self.conditioner.config.taste_dropout) > 0:
+            taste = torch.where(torch.rand(batch, generator=g) < p, taste + n_tastes, taste)
         return prompt, taste, z, noise.to(self.device)
+
+    def _policy_taste(self, z, taste):
+        """The tastes [B, d] the policy is asked for: `z`, and the learned null taste in rows
+        that taste dropout picked. Scored for their drawn taste, those rows train the null
+        taste as "please a taste drawn at random": the taste-marginal that CFG's
+        unconditional half (null taste, empty prompt) and `generate --taste mean` ask for."""
+        dropped = taste >= len(self.taste_names)  # [B] on the CPU
+        if z is None or not dropped.any():
+            return z
+        null = self.conditioner.null_taste(len(z)).to(z.dtype)
+        return torch.where(dropped.to(z.device)[:, None], null, z)
 
     def _embeds(self, prompt: torch.Tensor):
         idx = prompt.to(self.device)
@@ -220,21 +303,31 @@ class Trainer:
 
     def _reward(self, images, z, taste):
         """The reward of each image for the taste it was generated for, [B] (taste: indices
-        into the taste table, for the ensemble penalty)."""
-        weights = None
-        if self.maxmin is not None:  # the worst-off clusters, from estimates over past batches
-            with torch.no_grad():
-                scores = self.rewards.standardized_cluster_scores(self.rewards.features(images))
-                batch_mean = self.accelerator.reduce(scores.float().mean(dim=0), "mean")
-            self.maxmin.observe(batch_mean)
-            weights = self.maxmin.weights().to(images.device)
-        return self.rewards.reward(
-            images, z, self.cfg.objective, penalty=self.cfg.ensemble_penalty,
-            taste_index=taste, source=self.cfg.taste.source, cluster_weights=weights,
-        )  # fmt: skip
+        into the taste table, for the ensemble penalty).
+
+        In float32 whatever the training precision: CLIP and the heads were fitted on float32
+        features, and under bf16 autocast the reward moves by more than the differences
+        between images that DDPO's advantages rank. Gradients still flow (DRaFT)."""
+        with torch.autocast(self.device.type, enabled=False):
+            images = images.float()
+            weights = None
+            if self.maxmin is not None:  # the worst-off clusters, from estimates over past batches
+                with torch.no_grad():
+                    features = self.rewards.features(images)
+                    scores = self.rewards.standardized_cluster_scores(features)
+                    batch_mean = self.accelerator.reduce(scores.float().mean(dim=0), "mean")
+                self.maxmin.observe(batch_mean)
+                weights = self.maxmin.weights().to(images.device)
+            return self.rewards.reward(
+                images, None if z is None else z.float(), self.cfg.objective,
+                penalty=self.cfg.ensemble_penalty,
+                taste_index=None if taste is None else taste % len(self.taste_names),
+                source=self.cfg.taste.source, cluster_weights=weights,
+            )  # fmt: skip
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict:
+        self.epoch_skipped = 0
         if self.cfg.method == "draft":
             return self._draft_epoch()
         cfg, ddpo = self.cfg, self.cfg.ddpo
@@ -248,13 +341,15 @@ class Trainer:
             embeds, negative = self._embeds(prompt)
             with torch.no_grad(), self.accelerator.autocast():
                 traj = sample(
-                    self.unet, self.conditioner, self.pipe.vae, scheduler, embeds, negative, z,
-                    cfg.sampling, generator=self.generator, init_latents=noise,
+                    self.unet, self.conditioner, self.pipe.vae, scheduler, embeds, negative,
+                    self._policy_taste(z, taste), cfg.sampling, generator=self.generator,
+                    init_latents=noise,
                 )  # fmt: skip
-                # ---- 2. rewards: each image scored by the head for the taste it was asked for
+            # ---- 2. rewards: each image scored by the head for the taste it was asked for
+            with torch.no_grad():
                 reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")
-            batches.append((prompt, taste, traj, reward))
+            batches.append((prompt, taste, traj, reward, z))
 
         # ---- 3. advantages, per (prompt, taste), with statistics gathered over all processes
         prompt = torch.cat([b[0] for b in batches])
@@ -268,24 +363,34 @@ class Trainer:
         old_log_probs = torch.cat([b[2].log_probs for b in batches])  # [N, T]
         embeds = torch.cat([b[2].prompt_embeds for b in batches])
         negative = torch.cat([b[2].negative_embeds for b in batches])
-        z_all = None if self.tastes is None else torch.cat([b[2].taste for b in batches])
+        z_all = None if self.tastes is None else torch.cat([b[4] for b in batches])
         timesteps = batches[0][2].timesteps
         trainable = trainable_step_mask(scheduler, timesteps, cfg.sampling.eta).nonzero().flatten()
         n_train_steps = max(1, int(math.ceil(ddpo.timestep_fraction * len(trainable))))
 
-        # ---- 4. training: PPO-clipped ratio of new to old log-probs, accumulated over steps
+        # ---- 4. training: PPO-clipped ratio of new to old log-probs, summed over the steps
+        # of `gradient_accumulation` minibatches per optimizer step. Statistics stay on the
+        # device until the epoch ends: a `.item()` per step would wait for the GPU each time.
         self.unet.train()
-        stats = {"loss": [], "approx_kl": [], "clipfrac": [], "kl_to_base": []}
+        names = ["loss", "approx_kl", "clipfrac"] + (["kl_to_base"] if ddpo.kl_weight > 0 else [])
+        totals = {name: torch.zeros((), device=self.device) for name in names}
+        n_terms, updates, accumulate = 0, 0, ddpo.gradient_accumulation
         for _ in range(ddpo.inner_epochs):
             order = torch.randperm(n, generator=self.generator)
-            for start in range(0, n, ddpo.train_batch_size):
-                rows = order[start : start + ddpo.train_batch_size].to(self.device)
+            starts = list(range(0, n, ddpo.train_batch_size))
+            for m, start in enumerate(starts):
+                first = m - m % accumulate  # this optimizer step's first minibatch
+                group = min(accumulate, len(starts) - first)  # the last one may be shorter
+                if m == first:
+                    self.optimizer.zero_grad(set_to_none=True)
+                rows_cpu = order[start : start + ddpo.train_batch_size]
+                rows = rows_cpu.to(self.device)
                 steps = trainable[
                     torch.randperm(len(trainable), generator=self.generator)[:n_train_steps]
                 ]
-                self.optimizer.zero_grad(set_to_none=True)
                 for j in steps.tolist():
-                    z = None if z_all is None else z_all[rows]
+                    # per step: each backward frees its graph, the null taste's included
+                    z = None if z_all is None else self._policy_taste(z_all[rows], taste[rows_cpu])
                     with self.accelerator.autocast():
                         noise_pred = guided_noise(
                             self.unet, self.conditioner, latents[rows, j], timesteps[j],
@@ -304,22 +409,25 @@ class Trainer:
                             noise_pred, latents[rows, j], timesteps[j], embeds[rows], negative[rows]
                         )
                         loss = loss + ddpo.kl_weight * kl
-                        stats["kl_to_base"].append(kl.item())
-                    self.accelerator.backward(loss / len(steps))
-                    stats["loss"].append(loss.item())
-                    stats["approx_kl"].append(
-                        0.5 * ((log_prob - old_log_probs[rows, j]) ** 2).mean().item()
-                    )
-                    stats["clipfrac"].append(
-                        ((ratio - 1).abs() > ddpo.clip_range).float().mean().item()
-                    )
-                self._optimizer_step()
+                        totals["kl_to_base"] += kl.detach()
+                    self.accelerator.backward(loss / (len(steps) * group))
+                    totals["loss"] += loss.detach()
+                    log_ratio = (log_prob - old_log_probs[rows, j]).detach()
+                    totals["approx_kl"] += 0.5 * (log_ratio**2).mean()
+                    totals["clipfrac"] += ((ratio - 1).abs() > ddpo.clip_range).float().mean()
+                    n_terms += 1
+                if m == first + group - 1:
+                    self._optimizer_step()
+                    updates += 1
+        stats = {name: [value.item() / n_terms] for name, value in totals.items()}
+        stats["optimizer_steps"] = [updates]
         return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
 
     def _key_stats(self, prompt, taste, reward):
         """Each sample's (prompt, taste) key's running reward (mean, std), [B] each, from the
         rewards of every process (gathered, so all ranks normalise alike)."""
-        keys = (prompt * len(self.taste_names) + taste).to(self.device)
+        # one key per (prompt, taste, asked for the null taste); see `draw_batch`
+        keys = (prompt * 2 * len(self.taste_names) + taste).to(self.device)
         all_keys = self.accelerator.gather(keys).cpu().numpy()
         all_rewards = self.accelerator.gather(reward.float()).cpu().numpy()
         mean, std = self.tracker.observe(all_keys, all_rewards)
@@ -352,8 +460,8 @@ class Trainer:
             with self.accelerator.autocast():
                 traj = sample(
                     self.unet, self.conditioner, self.pipe.vae, self.pipe.scheduler, embeds,
-                    negative, z, cfg.sampling, generator=self.generator, init_latents=noise,
-                    grad_last_steps=draft.last_k_steps,
+                    negative, self._policy_taste(z, taste), cfg.sampling, generator=self.generator,
+                    init_latents=noise, grad_last_steps=draft.last_k_steps,
                 )  # fmt: skip
                 # the reward for taste z, differentiable all the way back to the LoRA
                 reward = self._reward(traj.images, z, taste)
@@ -364,7 +472,7 @@ class Trainer:
             else:
                 loss = -reward.mean()
             if draft.kl_weight > 0:
-                kl = self._draft_kl(traj, embeds, negative, z)
+                kl = self._draft_kl(traj, embeds, negative, self._policy_taste(z, taste))
                 kls.append(kl.detach())
                 loss = loss + draft.kl_weight * kl
             if draft.diversity_weight > 0:
@@ -410,20 +518,43 @@ class Trainer:
         return self._kl_to_base(noise_pred, x_t, t, embeds, negative)
 
     def _optimizer_step(self):
-        if self.accelerator.num_processes > 1:
-            # LoRA and taste parameters live outside any DDP wrapper: average their gradients
-            # explicitly so every process takes the same step.
-            for p in self.params:
-                if p.grad is not None:
-                    p.grad = self.accelerator.reduce(p.grad, reduction="mean")
-        grads = [p.grad for p in self.params if p.grad is not None]
-        for g in grads:
-            self._check_finite(g, "gradient")
-        torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm)
-        self.optimizer.step()
+        """Average the gradients over processes, unscale (fp16) and clip them, step.
 
-    def _check_finite(self, x: torch.Tensor, what: str):
-        if not torch.isfinite(x).all():
+        fp16: a step whose gradients overflowed is skipped by accelerate's loss scaler (which
+        then lowers the scale), as every rank holds the same averaged gradients; without a
+        scaler a non-finite gradient stops the run.
+        """
+        acc = self.accelerator
+        if acc.num_processes > 1:
+            # LoRA and taste parameters live outside any DDP wrapper: average their gradients
+            # explicitly, in one all-reduce of all of them, so every process takes the same step.
+            grads = [p.grad for p in self.params if p.grad is not None]
+            flat = acc.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+        norm = acc.clip_grad_norm_(self.params, self.cfg.max_grad_norm)  # unscales fp16 first
+        if acc.scaler is None:
+            self._check_finite(norm, "gradient", collective=False)  # the same on every rank
+        self.optimizer.step()
+        if not self.optimizer.step_was_skipped:
+            self.skipped_steps = 0
+            return
+        self.skipped_steps += 1
+        self.epoch_skipped += 1
+        if self.skipped_steps >= MAX_SKIPPED_STEPS:
+            raise UserError(
+                f"non-finite gradient on {self.skipped_steps} fp16 steps in a row at epoch "
+                f"{self.epoch}; use mixed_precision=bf16 or lower lr (earlier checkpoints are intact)"
+            )
+
+    def _check_finite(self, x: torch.Tensor, what: str, collective: bool = True):
+        """Stop the run with a one-line error if `x` is not all finite. `collective`: on every
+        process at once (each contributes its flag), so no rank raises alone while the others
+        wait for it in the next gather; every rank calls it at the same point."""
+        ok = torch.isfinite(x).all()
+        if collective and self.accelerator.num_processes > 1:
+            ok = self.accelerator.gather(ok.reshape(1).float()).min() > 0
+        if not ok:
             raise UserError(
                 f"non-finite {what} at epoch {self.epoch}; lower lr or check the reward heads "
                 "(earlier checkpoints are intact)"
@@ -452,13 +583,42 @@ class Trainer:
                     entry["gold"] = gold[mask, i].mean().item()
                 per_taste[name] = entry
         log["per_taste"] = per_taste
+        if self.accelerator.scaler is not None:
+            log["skipped_steps"] = self.epoch_skipped  # fp16 overflows
         if gold is not None:
             log["gold_per_cluster"] = gold.mean(dim=0).tolist()
         return log
 
     # ------------------------------------------------------------------ checkpoints
+    def _random_state(self) -> dict[str, torch.Tensor]:
+        """This process's random state and pending grouped samples, as tensors."""
+        prompt, taste, noise = self.pending
+        state = {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                 "pending_prompt": prompt, "pending_taste": taste, "pending_noise": noise}  # fmt: skip
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
     def save(self, directory: Path) -> None:
-        """Policy (LoRA + taste module, loadable by diffusers) and training state, atomically."""
+        """Policy (LoRA + taste module, loadable by diffusers) and training state, atomically.
+
+        Every process must call it (each contributes its random state); the main one writes.
+        """
+        per_rank = gather_per_rank(self.accelerator, self._random_state())
+        if not self.accelerator.is_main_process:
+            return
+        optimizer, tensors = optimizer_to_plain(self.optimizer.state_dict())
+        scaler = self.accelerator.scaler
+        plain = {
+            "epoch": self.epoch,
+            "num_processes": self.accelerator.num_processes,
+            "optimizer": optimizer,
+            "grad_scaler": None if scaler is None else scaler.state_dict(),
+            "skipped_steps": self.skipped_steps,
+            "tracker": self.tracker.state_dict(),
+            "maxmin": None if self.maxmin is None else self.maxmin.state_dict(),
+            "history": self.history,
+        }
         with atomic_dir(directory) as tmp:
             save_checkpoint(
                 tmp / POLICY_DIR, self.unet, self.conditioner,
@@ -466,16 +626,7 @@ class Trainer:
                           "taste_space": self.rewards.space,
                           "tastes": self.taste_names, "config": to_dict(self.cfg)},
             )  # fmt: skip
-            state = {
-                "epoch": self.epoch,
-                "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "tracker": self.tracker.state_dict(),
-                "maxmin": None if self.maxmin is None else self.maxmin.state_dict(),
-                "history": self.history,
-            }
-            torch.save(state, tmp / STATE_NAME)
+            write_state(tmp, plain, {**tensors, **per_rank})
 
     def resume(self, directory: Path) -> None:
         _, conditioner = load_checkpoint(directory / POLICY_DIR, self.unet)
@@ -485,19 +636,41 @@ class Trainer:
             )
         if conditioner is not None:
             self.conditioner.load_state_dict(conditioner.state_dict())
-        state = torch.load(directory / STATE_NAME, map_location="cpu", weights_only=False)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        self.tracker.load_state_dict(state["tracker"])
+        plain, tensors = read_state(directory)
+        self.optimizer.load_state_dict(optimizer_from_plain(plain["optimizer"], tensors))
+        if self.accelerator.scaler is not None and plain["grad_scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(plain["grad_scaler"])
+        self.skipped_steps = plain["skipped_steps"]
+        self.tracker.load_state_dict(plain["tracker"])
         if self.maxmin is not None:
-            self.maxmin.load_state_dict(state["maxmin"])
-        self.history = state["history"]
-        self.epoch = state["epoch"]
+            self.maxmin.load_state_dict(plain["maxmin"])
+        self.history = plain["history"]
+        self.epoch = plain["epoch"]
+        rank, saved = self.accelerator.process_index, plain["num_processes"]
+        if saved != self.accelerator.num_processes:
+            warnings.warn(
+                f"{directory} was written by {saved} processes and is resumed by "
+                f"{self.accelerator.num_processes}: the run goes on, but draws other samples "
+                "than an uninterrupted one would",
+                stacklevel=2,
+            )
+        if rank >= saved:
+            return  # a process the checkpoint has no random state for keeps its fresh seed
+        mine = rank_tensors(tensors, rank)
+        self.generator.set_state(mine["generator"])
+        torch.set_rng_state(mine["torch_rng"])
+        if "cuda_rng" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
+        self.pending = (mine["pending_prompt"], mine["pending_taste"], mine["pending_noise"])
 
     def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
         cfg = self.cfg
         ckpt_root = self.out_dir / "checkpoints"
+        if resume and any(ckpt_root.glob("epoch-*/trainer_state.pt")):
+            raise UserError(
+                f"{ckpt_root} holds checkpoints of an older version (trainer_state.pt), which "
+                "cannot be resumed; train into a new out_dir (their policy/ still loads)"
+            )
         if resume and (latest := latest_checkpoint(ckpt_root)) is not None:
             self.resume(latest)
             if self.accelerator.is_main_process:  # the log holds exactly the resumed history
@@ -518,8 +691,8 @@ class Trainer:
             if self.accelerator.is_main_process:
                 with open(self.out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(log) + "\n")
-                if self.epoch % cfg.save_every == 0 or self.epoch == cfg.n_epochs:
-                    self.save(ckpt_root / f"epoch-{self.epoch:04d}")
+            if self.epoch % cfg.save_every == 0 or self.epoch == cfg.n_epochs:
+                self.save(ckpt_root / f"epoch-{self.epoch:04d}")  # every rank: its random state
             bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             bar.update(1)
         bar.close()
@@ -544,7 +717,7 @@ def _flat_scalars(log: dict, prefix: str = "") -> dict[str, float]:
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint under `root` (incomplete ones never get their final name)."""
-    done = sorted(p for p in root.glob("epoch-*") if (p / STATE_NAME).is_file())
+    done = sorted(p for p in root.glob("epoch-*") if (p / STATE_JSON).is_file())
     return done[-1] if done else None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from plural_diffusion.conditioning import TasteConditioner, unet_forward
 from plural_diffusion.ddim import ddim_step_with_logprob
@@ -97,14 +98,15 @@ def sample(
 
     grad_last_steps: 0 for DDPO (no graph kept); K > 0 keeps the graph through the last K
         steps and the decoder (DRaFT-K / AlignProp-style reward backpropagation).
-    init_latents: [B, C, h, w] x_T; drawn from `generator` when None.
+    init_latents: [B, C, h, w] x_T; drawn from `generator` when None (on the generator's
+        device, then moved: a CPU generator gives the same noise on every device).
     """
     batch = prompt_embeds.shape[0]
     scheduler.set_timesteps(cfg.steps, device=prompt_embeds.device)
     timesteps = scheduler.timesteps
     if init_latents is None:
         channels, size = unet.config.in_channels, unet.config.sample_size
-        init_latents = torch.randn(
+        init_latents = randn_tensor(
             (batch, channels, size, size), generator=generator, device=prompt_embeds.device
         )
     latents = init_latents * scheduler.init_noise_sigma

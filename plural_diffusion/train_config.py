@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
 
 from plural_diffusion.conditioning import TasteConditioningConfig
 from plural_diffusion.sampling import SamplingConfig
+from reward_models.errors import UserError
 
 
 def default_prompts() -> list[str]:
@@ -43,7 +45,9 @@ class TasteSampling:
     # "uniform" gives a small cluster as many samples as a large one; "share" follows the shares
     weighting: Literal["uniform", "share"] = "uniform"
     # one prompt and one initial noise shared by a group of samples that differ only in taste,
-    # so the advantage isolates the taste's effect (clusters and latents; group size = K)
+    # so the advantage isolates the taste's effect (clusters and latents; group size = K).
+    # Batches are filled round-robin over the tastes, so any batch size works: a group may
+    # span two batches (or two epochs)
     grouped: bool = True
 
 
@@ -62,6 +66,9 @@ class DDPOSettings:
     stat_buffer: int = 64  # rewards remembered per (prompt, taste) key
     stat_min_count: int = 8  # below this many, a key uses the batch's statistics
     kl_weight: float = 0.0  # KL-to-base penalty (base = same UNet, adapter disabled)
+    # train minibatches per optimizer step (their gradients are summed, then one step). DDPO's
+    # reference takes few, large steps per epoch; 1 = a step per minibatch
+    gradient_accumulation: int = 1
 
 
 @dataclass
@@ -74,6 +81,9 @@ class DraftSettings:
     # DDPO's advantages do: tastes are scored by heads of different steepness, and without it
     # the steepest head's taste takes most of the shared LoRA's updates
     normalize: bool = True
+    # recompute the VAE decoder's activations in the backward pass instead of keeping them:
+    # at 512 px the decoder's activations are the largest tensors of a DRaFT step
+    checkpoint_decoder: bool = False
     # KL-to-base penalty at one random earlier denoising step per batch (the steps that set an
     # image's layout), against the same UNet with the LoRA off: keeps several looks per taste
     kl_weight: float = 0.0
@@ -115,8 +125,18 @@ class TrainConfig:
     seed: int = 0
     out_dir: str = "runs/policy"
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 needs CUDA (loss scaling)
+    # UNet activation checkpointing: less memory for DDPO minibatches and DRaFT's last steps,
+    # at the cost of a second UNet forward in the backward pass (~30% slower per update)
     gradient_checkpointing: bool = False
+    # "xformers" needs xformers installed and CUDA, and does not compose with taste tokens
+    # (their attention processors use PyTorch SDPA): taste-blind objectives or mode=timestep
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    allow_tf32: bool = True  # TF32 matmuls on GPUs that have them (Ampere and newer)
+    # image side in pixels; None: the base model's own (512 for SD 1.5)
+    resolution: int | None = None
+    # "sd15": refuse a base whose UNet / VAE / text encoder is not shaped like SD 1.x
+    expect_architecture: Literal["", "sd15"] = ""
     tensorboard: bool = True  # per-epoch scalars through accelerate's tracker (and log.jsonl)
     device: str = "auto"  # "auto": accelerate's choice
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
@@ -131,3 +151,32 @@ class TrainConfig:
     def n_epochs(self) -> int:
         """The epochs this run trains: `epochs`, or the method's own when that is 0."""
         return self.epochs or (self.draft.epochs if self.method == "draft" else self.ddpo.epochs)
+
+
+def check_options(cfg: TrainConfig, cpu: bool) -> None:
+    """One-line errors for settings that cannot run here, before any model is loaded."""
+    if cfg.mixed_precision == "fp16" and cpu:
+        raise UserError(
+            "mixed_precision=fp16 needs a CUDA GPU (its loss scaler is CUDA's); "
+            "on a CPU use mixed_precision=bf16 or no"
+        )
+    if cfg.attention == "xformers":
+        if cfg.objective == "matched" and cfg.conditioning.mode == "tokens":
+            raise UserError(
+                "attention=xformers does not compose with taste tokens (their attention "
+                "processors run PyTorch SDPA and would replace xformers'); use attention=sdpa "
+                "(as fast on PyTorch >= 2) or conditioning.mode=timestep"
+            )
+        if importlib.util.find_spec("xformers") is None:
+            raise UserError("attention=xformers but xformers is not installed; "
+                            "pip install xformers, or use attention=sdpa")  # fmt: skip
+        if cpu:
+            raise UserError("attention=xformers runs on CUDA only; use attention=sdpa")
+    if cfg.ddpo.gradient_accumulation < 1:
+        raise UserError(
+            f"ddpo.gradient_accumulation={cfg.ddpo.gradient_accumulation}: must be >= 1"
+        )
+    if not 0.0 <= cfg.conditioning.taste_dropout < 1.0:
+        raise UserError(
+            f"conditioning.taste_dropout={cfg.conditioning.taste_dropout}: must be in [0, 1)"
+        )

@@ -71,3 +71,36 @@ def test_nested_list_of_dataclasses_round_trips():
 
 def test_parse_overrides_builds_a_tree():
     assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
+
+
+@dataclass
+class Precision:
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    note: str = ""
+    checkpointing: bool = False
+
+
+@pytest.mark.parametrize("word", ["no", "yes", "on", "off", "y", "n", "No"])
+def test_yaml_11_boolean_words_are_strings_for_string_fields(tmp_path, word):
+    # YAML 1.1 reads no/yes/on/off as booleans: `mixed_precision=no` was refused as False
+    assert load_config(Precision, None, [f"note={word}"]).note == word
+    path = tmp_path / "p.yaml"
+    path.write_text(f"note: {word}\nmixed_precision: no\n")
+    cfg = load_config(Precision, path)
+    assert cfg.note == word and cfg.mixed_precision == "no"
+
+
+def test_every_mixed_precision_value_is_writable_as_key_value():
+    from plural_diffusion.train_config import TrainConfig
+
+    for value in ("no", "bf16", "fp16"):
+        cfg = load_config(TrainConfig, None, [f"mixed_precision={value}"])
+        assert cfg.mixed_precision == value
+
+
+def test_bool_fields_still_read_yaml_11_words_and_true_false():
+    on = load_config(Precision, None, ["checkpointing=on"])
+    off = load_config(Precision, None, ["checkpointing=false"])
+    assert on.checkpointing is True and off.checkpointing is False
+    with pytest.raises(UserError, match="expected true/false"):
+        load_config(Precision, None, ["checkpointing=maybe"])

@@ -118,21 +118,39 @@ def test_nan_reward_stops_with_the_epoch_named_and_keeps_checkpoints(
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "overrides, message",
     [
-        ("base=/no/such/base", "base model directory not found"),
-        ("taste.source=clusters", None),
+        (["base=/no/such/base"], "base model directory not found"),
+        (["mixed_precision=fp16", "device=cpu"], "fp16 needs a CUDA GPU"),
+        (["attention=xformers"], "does not compose with taste tokens"),
+        (["attention=xformers", "objective=mean"], "xformers is not installed"),
+        (["expect_architecture=sd15"], "expect_architecture=sd15 but its text states are 64"),
+        (["resolution=20"], "needs a multiple of 8 .its own is 32"),
+        (["resolution=16"], "CLIP reads 32 px images but the policy makes 16 px"),
+        (["ddpo.gradient_accumulation=0"], "must be >= 1"),
     ],
 )
-def test_bad_input_is_a_one_line_error(toy_assets, reward_run, tmp_path, override, message):
-    cfg = toy_config(toy_assets, reward_run, tmp_path, override, "draft.batch_size=5")
-    if message is None:  # 5 images cannot be grouped over 3 clusters
-        trainer = Trainer(cfg)
-        with pytest.raises(UserError, match="not a multiple of the 3 clusters"):
-            trainer.train_epoch()
-    else:
-        with pytest.raises(UserError, match=message):
-            Trainer(cfg)
+def test_bad_input_is_a_one_line_error(toy_assets, reward_run, tmp_path, overrides, message):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, *overrides)
+    with pytest.raises(UserError, match=message) as e:
+        Trainer(cfg)
+    assert "\n" not in str(e.value)
+
+
+def test_grouped_batches_of_any_size_continue_a_group_in_the_next_batch(
+    toy_assets, reward_run, tmp_path
+):
+    # 5 images over 3 clusters: groups (one prompt, one noise, every taste) are filled
+    # round-robin and the group the first batch cuts off is finished by the second
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "draft.batch_size=5"))
+    prompt1, taste1, z1, noise1 = trainer.draw_batch(5)
+    prompt2, taste2, z2, noise2 = trainer.draw_batch(5)
+    assert taste1.tolist() == [0, 1, 2, 0, 1] and taste2.tolist() == [2, 0, 1, 2, 0]
+    assert prompt2[0] == prompt1[3] and torch.equal(noise2[0], noise1[3])  # one group
+    assert torch.equal(noise1[0], noise1[2]) and not torch.equal(noise1[0], noise1[3])
+    torch.testing.assert_close(z2[0], trainer.tastes[2])
+    log = trainer.train_epoch()
+    assert torch.isfinite(torch.tensor(log["reward_mean"]))
 
 
 def kl_on_fixed_batch(trainer, batch=6, seed=7) -> float:

@@ -1,0 +1,204 @@
+"""Trainer options that matter at Stable Diffusion scale, shown on the toy base: fp16 loss
+scaling, gradient accumulation, rewards in float32, decoder checkpointing, taste dropout and
+a checkpoint that loads without unpickling."""
+
+import pytest
+import torch
+from test_trainer import toy_config
+
+import plural_diffusion.ddpo as ddpo_module
+from plural_diffusion.ddpo import Trainer, latest_checkpoint
+from plural_diffusion.sampling import decode_images
+
+
+def simulate_fp16_loss_scaling(trainer, monkeypatch, scale=2.0**16):
+    """accelerate's fp16 loss scaling (a GradScaler, a scaler-aware optimizer) on the CPU,
+    where accelerate refuses fp16; the arithmetic stays float32 (autocast off), so only the
+    scaling differs: `accelerator.backward` multiplies the loss by `scale`, and the gradients
+    must be unscaled before they are clipped."""
+    import contextlib
+
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    acc = trainer.accelerator
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    monkeypatch.setattr(acc, "scaler", scaler)
+    monkeypatch.setattr(acc, "native_amp", True)
+    monkeypatch.setattr(type(acc), "mixed_precision", property(lambda self: "fp16"))
+    monkeypatch.setattr(acc, "autocast", contextlib.nullcontext)
+    inner = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    trainer.optimizer = AcceleratedOptimizer(inner, scaler=scaler)
+    acc._optimizers = [trainer.optimizer]
+    return scaler
+
+
+def lora_state(trainer):
+    return {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if p.requires_grad}
+
+
+def test_fp16_gradients_are_unscaled_before_clipping_and_an_overflow_skips_the_step(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    args = (toy_assets, reward_run, tmp_path, "epochs=1", "lr=0.01", "objective=mean")
+    plain = Trainer(toy_config(*args))
+    plain.train_epoch()
+    scaled = Trainer(toy_config(*args))
+    scaler = simulate_fp16_loss_scaling(scaled, monkeypatch)
+    scaled.train_epoch()
+    # unscaled before clipping: the same update as without loss scaling (clipping the
+    # 65536x gradients to norm 1 would shrink the step)
+    for name, value in lora_state(plain).items():
+        torch.testing.assert_close(lora_state(scaled)[name], value, rtol=1e-5, atol=1e-7)
+
+    # an overflow: the step is skipped and the scale lowered; the run goes on
+    before = lora_state(scaled)
+    param = next(p for p in scaled.params if p.requires_grad)
+    hook = param.register_hook(lambda g: torch.full_like(g, float("inf")))
+    log = scaled.train_epoch()
+    hook.remove()
+    assert log["skipped_steps"] == 1 and scaler.get_scale() == 2.0**15
+    assert all(torch.equal(before[n], v) for n, v in lora_state(scaled).items())
+    assert scaled.train_epoch()["skipped_steps"] == 0
+
+
+def ddpo_args(toy_assets, reward_run, tmp_path, *extra):
+    return toy_config(
+        toy_assets, reward_run, tmp_path, "method=ddpo", "epochs=1", "sampling.steps=4",
+        "ddpo.inner_epochs=1", "ddpo.timestep_fraction=1.0", *extra,
+    )  # fmt: skip
+
+
+def gradients_at_each_step(trainer, monkeypatch):
+    seen = []
+    step = trainer._optimizer_step
+
+    def record():
+        seen.append([p.grad.clone() for p in trainer.params if p.grad is not None])
+        step()
+
+    monkeypatch.setattr(trainer, "_optimizer_step", record)
+    trainer.train_epoch()
+    return seen
+
+
+def test_gradient_accumulation_of_two_minibatches_takes_the_step_of_one_twice_as_large(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    whole = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.train_batch_size=6"))
+    halves = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.train_batch_size=3",
+                               "ddpo.gradient_accumulation=2"))  # fmt: skip
+    one = gradients_at_each_step(whole, monkeypatch)
+    two = gradients_at_each_step(halves, monkeypatch)
+    assert len(one) == len(two) == 1  # one optimizer step per epoch either way
+    for a, b in zip(one[0], two[0]):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-8)
+    # without accumulation, a step per minibatch (the toy default)
+    each = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.train_batch_size=3"))
+    assert each.cfg.ddpo.gradient_accumulation == 1
+    assert len(gradients_at_each_step(each, monkeypatch)) == 2
+
+
+def test_rewards_are_scored_in_float32_under_bf16_autocast_and_stay_differentiable(
+    toy_assets, reward_run, tmp_path
+):
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path))
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    taste = torch.tensor([0, 1, 2, 0, 1, 2])
+    z = trainer.tastes[taste]
+    fp32 = trainer.rewards.reward(images, z, "matched")
+    images.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = trainer._reward(images, z, taste)
+    assert under_autocast.dtype == torch.float32
+    torch.testing.assert_close(under_autocast, fp32, rtol=1e-5, atol=1e-6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        in_bf16 = trainer.rewards.reward(images, z, "matched")  # what autocast used to give
+    assert (in_bf16 - fp32).abs().max() > 100 * (under_autocast - fp32).abs().max()
+    under_autocast.sum().backward()  # DRaFT's path: reward -> images
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+def test_draft_checkpoints_the_decoder_with_the_same_gradient_and_fewer_saved_activations(
+    toy_assets, reward_run, tmp_path
+):
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "draft.checkpoint_decoder=true"))
+    vae = trainer.pipe.vae
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def decode_and_backward():
+        x = latents.clone().requires_grad_(True)
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            images = decode_images(vae, x)
+        images.square().sum().backward()
+        return sum(saved), x.grad
+
+    checkpointed_bytes, checkpointed_grad = decode_and_backward()
+    vae.disable_gradient_checkpointing()
+    plain_bytes, plain_grad = decode_and_backward()
+    assert checkpointed_bytes < 0.5 * plain_bytes, (checkpointed_bytes, plain_bytes)
+    torch.testing.assert_close(checkpointed_grad, plain_grad)
+    assert trainer.train_epoch()["loss"] is not None  # the trainer's DRaFT step runs with it
+
+
+@pytest.mark.parametrize("method", ["draft", "ddpo"])
+def test_taste_dropout_asks_the_policy_for_the_null_taste_scored_for_the_drawn_taste(
+    toy_assets, reward_run, tmp_path, monkeypatch, method
+):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "conditioning.taste_dropout=0.5",
+                     f"method={method}", "draft.batch_size=12", "ddpo.sample_batch_size=12",
+                     "ddpo.train_batch_size=6", "sampling.steps=4")  # fmt: skip
+    trainer = Trainer(cfg)
+    asked, scored = [], []
+    sample, reward = ddpo_module.sample, trainer._reward
+    monkeypatch.setattr(
+        ddpo_module, "sample", lambda *a, **k: asked.append(a[6]) or sample(*a, **k)
+    )
+    monkeypatch.setattr(trainer, "_reward", lambda im, z, t: scored.append(z) or reward(im, z, t))
+    null_before = trainer.conditioner.null.detach().clone()
+    trainer.train_epoch()
+    null = null_before.expand_as(asked[0])
+    dropped = (asked[0] == null).all(dim=1)
+    assert 2 <= int(dropped.sum()) <= 10, dropped
+    # the dropped rows are still scored for a cluster's taste, never for the null taste
+    assert not (scored[0] == null).all(dim=1).any()
+    assert torch.equal(asked[0][~dropped], scored[0][~dropped])
+
+
+def test_a_checkpoint_resumes_without_unpickling(toy_assets, reward_run, tmp_path, monkeypatch):
+    Trainer(toy_config(toy_assets, reward_run, tmp_path, "epochs=1")).fit(progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    assert sorted(p.name for p in ckpt.iterdir()) == [
+        "policy", "trainer_state.json", "trainer_state.safetensors",
+    ]  # fmt: skip
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "epochs=2"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load on a resume")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    history = trainer.fit(resume=True, progress=False)
+    assert [h["epoch"] for h in history] == [0, 1]
+
+
+def test_sample_draws_its_initial_noise_on_the_generators_device(toy_assets, reward_run, tmp_path):
+    # a CPU generator cannot draw a CUDA tensor: x_T is drawn where the generator lives and
+    # moved (on a GPU this used to crash; benchmarks/gpu_proof.py checks it there)
+    from plural_diffusion.sampling import sample
+
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "sampling.steps=2"))
+    prompt, _, z, _ = trainer.draw_batch(3)
+    embeds, negative = trainer._embeds(prompt)
+    with torch.no_grad():
+        traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
+                      embeds, negative, z, trainer.cfg.sampling,
+                      generator=torch.Generator().manual_seed(5))  # fmt: skip
+    expected = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(
+        traj.latents[:, 0], expected * trainer.pipe.scheduler.init_noise_sigma
+    )
