@@ -36,7 +36,7 @@ from plural_diffusion.backbone import (
 )
 from plural_diffusion.conditioning import TasteConditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
-from plural_diffusion.rewards import SoftminWeights, TasteRewards
+from plural_diffusion.rewards import NeedAssignment, TasteRewards
 from plural_diffusion.sampling import guided_noise, sample
 from plural_diffusion.train_config import TrainConfig, check_options
 from plural_diffusion.trainer_state import (
@@ -170,7 +170,7 @@ class Trainer:
             )
         self.maxmin = None
         if cfg.objective == "maxmin":
-            self.maxmin = SoftminWeights(
+            self.maxmin = NeedAssignment(
                 len(self.rewards.cluster_names), cfg.maxmin.temperature, cfg.maxmin.momentum
             )
             self._calibrate_clusters()
@@ -310,19 +310,19 @@ class Trainer:
         between images that DDPO's advantages rank. Gradients still flow (DRaFT)."""
         with torch.autocast(self.device.type, enabled=False):
             images = images.float()
-            weights = None
-            if self.maxmin is not None:  # the worst-off clusters, from estimates over past batches
+            assignment = None
+            if self.maxmin is not None:  # which clusters each image serves, tilted by need
                 with torch.no_grad():
                     features = self.rewards.features(images)
-                    scores = self.rewards.standardized_cluster_scores(features)
+                    scores = self.rewards.standardized_cluster_scores(features)  # [B, K]
                     batch_mean = self.accelerator.reduce(scores.float().mean(dim=0), "mean")
                 self.maxmin.observe(batch_mean)
-                weights = self.maxmin.weights().to(images.device)
+                assignment = self.maxmin.assign(scores)
             return self.rewards.reward(
                 images, None if z is None else z.float(), self.cfg.objective,
                 penalty=self.cfg.ensemble_penalty,
                 taste_index=None if taste is None else taste % len(self.taste_names),
-                source=self.cfg.taste.source, cluster_weights=weights,
+                source=self.cfg.taste.source, assignment=assignment,
             )  # fmt: skip
 
     # ------------------------------------------------------------------ one epoch

@@ -5,9 +5,11 @@ taste clusters, trained by `reward-models train`) and the CLIP model its feature
 
     matched  r(x, z) with the rater head, z the taste the image was generated for
     mean     the mean head r(x): the baseline
-    maxmin   the egalitarian objective (raise the worst-off group): each cluster's utility,
-             standardised on the base model's own images (`calibrate`), weighted by a softmin
-             over running estimates of how well each cluster is served (`SoftminWeights`)
+    maxmin   the egalitarian objective (raise the worst-off group) for a taste-blind policy:
+             each cluster's utility is standardised on the base model's own images
+             (`calibrate`), and each image is rewarded by the clusters it is relatively good
+             for, tilted toward those served worst so far (`NeedAssignment`): the policy can
+             become a mixture of looks, one per cluster, more of them for the worst-off
 
 With `penalty` k > 0 each reward becomes r - k * std, the std taken over an ensemble of rater
 heads (the run's own plus its `ensemble/` members, each fitted on a bootstrap of the ratings)
@@ -146,11 +148,11 @@ class TasteRewards:
         penalty: float = 0.0,
         taste_index: torch.Tensor | None = None,
         source: TasteSource = "clusters",
-        cluster_weights: torch.Tensor | None = None,
+        assignment: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reward [B] of each image under `objective`.
 
-        cluster_weights [K]: maxmin's weight on each cluster's standardised utility.
+        assignment [B, K]: maxmin's weight of each image on each cluster's standardised utility.
 
         taste: [B, d], required for matched. penalty > 0 subtracts `penalty` times the
         ensemble's std, which needs `taste_index` [B] (rows of the `source` taste table) for
@@ -164,12 +166,12 @@ class TasteRewards:
                 raise UserError("objective=matched needs a taste per image")
             reward, index = self.taste_head.score(features, taste), taste_index
         elif objective == "maxmin":
-            if cluster_weights is None:
-                raise UserError("objective=maxmin needs the clusters' weights (SoftminWeights)")
+            if assignment is None:
+                raise UserError("objective=maxmin needs each image's cluster assignment")
             scores = self.standardized_cluster_scores(features)  # [B, K]
-            reward = scores @ cluster_weights.to(scores)
-            # the ensemble penalty reads the taste of the cluster that weighs most
-            index, source = cluster_weights.argmax().expand(features.shape[0]), "clusters"
+            reward = (scores * assignment.to(scores)).sum(dim=1)
+            # the ensemble penalty reads the taste of the cluster each image serves most
+            index, source = assignment.argmax(dim=1), "clusters"
         else:
             raise UserError(f"unknown objective {objective!r}; use matched, mean or maxmin")
         if penalty > 0:
@@ -203,11 +205,20 @@ def _cluster_means(tastes: torch.Tensor, labels: torch.Tensor, k: int) -> torch.
     return torch.stack([tastes[labels.to(tastes.device) == i].mean(dim=0) for i in range(k)])
 
 
-class SoftminWeights:
-    """Weights [K] on the clusters for the egalitarian objective: a softmin over running
-    estimates of each cluster's standardised reward. The worst-off cluster weighs most, chosen
-    from the estimates over many batches rather than re-picked per batch, and a cluster that
-    has caught up hands its weight on smoothly instead of flipping the objective."""
+class NeedAssignment:
+    """Which clusters each image of a taste-blind policy is rewarded for (maxmin).
+
+    A taste-blind policy cannot serve every cluster with one look when their ideals conflict;
+    its egalitarian optimum is a mixture, some images for each cluster. Each image i is scored
+    by the clusters k it is relatively good for, tilted toward the clusters served worst:
+
+        a_ik = softmax_k((s_ik - m_k) / temperature)        reward_i = sum_k a_ik s_ik
+
+    s_ik is cluster k's standardised utility of image i and m_k a running estimate of the
+    batch mean of s_.k (how well k is served so far, over many batches, not re-picked per
+    batch). An image near one cluster's ideal climbs toward it; a cluster served worst draws
+    the images that are closest to it. The assignment carries no gradient.
+    """
 
     def __init__(self, n_clusters: int, temperature: float = 0.5, momentum: float = 0.9):
         if n_clusters < 2:
@@ -223,13 +234,15 @@ class SoftminWeights:
         self.temperature, self.momentum = temperature, momentum
         self.estimate = torch.zeros(n_clusters)  # the base model's images average 0
 
-    def weights(self) -> torch.Tensor:
-        return torch.softmax(-self.estimate / self.temperature, dim=0)
-
     def observe(self, batch_mean: torch.Tensor) -> None:
         """Fold in one batch's mean standardised reward per cluster, [K]."""
         m = self.momentum
         self.estimate = m * self.estimate + (1 - m) * batch_mean.detach().float().cpu()
+
+    def assign(self, scores: torch.Tensor) -> torch.Tensor:
+        """Standardised scores [B, K] -> each image's weights on the clusters [B, K]."""
+        need = self.estimate.to(scores)
+        return torch.softmax((scores.detach() - need) / self.temperature, dim=1)
 
     def state_dict(self) -> dict:
         return {"estimate": self.estimate.tolist()}

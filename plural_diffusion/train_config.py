@@ -95,10 +95,11 @@ class DraftSettings:
 @dataclass
 class MaxminSettings:
     # objective=maxmin: each cluster's head is standardised on the base model's own images
-    # (this many batches, drawn at the start), so "worst-off" compares like with like; the
-    # clusters are weighted by a softmin over running estimates of their standardised rewards
+    # (this many batches, drawn at the start), so "worst-off" compares like with like; each
+    # image is rewarded by the clusters it is relatively good for, tilted toward those served
+    # worst by running estimates (`rewards.NeedAssignment`)
     calibration_batches: int = 2
-    temperature: float = 0.5  # softmin temperature, in standard deviations of the base's scores
+    temperature: float = 0.5  # of the assignment, in standard deviations of the base's scores
     momentum: float = 0.9  # of the running per-cluster estimates
 
 

@@ -108,26 +108,27 @@ def test_centroids_that_do_not_fit_the_experts_are_a_one_line_error():
         conditioner.set_experts(CENTROIDS)
 
 
-# ------------------------------------------------------------------ maxmin's cluster weights
-def test_softmin_weights_lift_the_cluster_served_worst_over_many_batches():
-    from plural_diffusion.rewards import SoftminWeights
+# ------------------------------------------------------------------ maxmin's assignment
+def test_each_image_serves_the_cluster_it_is_near_tilted_toward_the_worst_served():
+    from plural_diffusion.rewards import NeedAssignment
 
-    w = SoftminWeights(3, temperature=0.5, momentum=0.5)
-    assert torch.allclose(w.weights(), torch.full((3,), 1 / 3))  # the base model: all alike
-    for _ in range(6):  # cluster 2 stays 1 std below the others
-        w.observe(torch.tensor([1.0, 1.0, 0.0]))
-    weights = w.weights()
-    assert weights[2] > 0.75 and torch.isclose(weights[0], weights[1]), weights
-    # one batch where cluster 2 happens to score well does not flip the choice
-    w.observe(torch.tensor([1.0, 1.0, 1.5]))
-    assert w.weights().argmax() == 2
-    restored = SoftminWeights(3, 0.5, 0.5)
-    restored.load_state_dict(w.state_dict())
-    torch.testing.assert_close(restored.weights(), w.weights())
+    need = NeedAssignment(3, temperature=0.5, momentum=0.5)
+    scores = torch.tensor([[3.0, 0.0, 0.0], [0.0, 0.0, 0.4], [0.1, 0.0, 0.0]])  # [B, K]
+    a = need.assign(scores)
+    assert torch.allclose(a.sum(dim=1), torch.ones(3))
+    assert a[0].argmax() == 0 and a[0, 0] > 0.99  # near cluster 0's ideal: climbs it
+    for _ in range(6):  # cluster 2 served 1 std worse than the others, over many batches
+        need.observe(torch.tensor([1.0, 1.0, 0.0]))
+    a = need.assign(scores)
+    assert a[0].argmax() == 0  # an image at one cluster's ideal stays with it
+    assert a[1, 2] > 0.85 and a[2].argmax() == 2  # the undecided images go to the worst-off
+    restored = NeedAssignment(3, 0.5, 0.5)
+    restored.load_state_dict(need.state_dict())
+    torch.testing.assert_close(restored.assign(scores), a)
 
 
 def test_maxmin_over_one_cluster_is_a_one_line_error():
-    from plural_diffusion.rewards import SoftminWeights
+    from plural_diffusion.rewards import NeedAssignment
 
     with pytest.raises(UserError, match="use objective=mean"):
-        SoftminWeights(1)
+        NeedAssignment(1)
