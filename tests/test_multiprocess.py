@@ -21,14 +21,29 @@ def free_port() -> int:
 def test_two_processes_stay_in_sync(toy_assets, reward_run, tmp_path, method):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), str(Path(__file__).with_name("_multiprocess_worker.py")),
-        str(out), f"base={toy_assets.base}", f"rewards={reward_run}", f"method={method}",
-        "epochs=2", "save_every=1", "sampling.steps=4", "tensorboard=false",
-        "draft.batch_size=3", "draft.steps_per_epoch=1",
-        "ddpo.sample_batch_size=3", "ddpo.sample_batches=1", "ddpo.train_batch_size=3",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).with_name("_multiprocess_worker.py")),
+        str(out),
+        f"base={toy_assets.base}",
+        f"rewards={reward_run}",
+        f"method={method}",
+        "epochs=2",
+        "save_every=1",
+        "sampling.steps=4",
+        "tensorboard=false",
+        "draft.batch_size=3",
+        "draft.steps_per_epoch=1",
+        "ddpo.sample_batch_size=3",
+        "ddpo.sample_batches=1",
+        "ddpo.train_batch_size=3",
         "ddpo.stat_min_count=2",
-    ]  # fmt: skip
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
