@@ -12,10 +12,11 @@ import argparse
 import torch
 
 from plural_diffusion.cache import cache_root
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import CONFIGS, DemoConfig, gold_in_head_order, stage_rewards
+from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
+from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import TasteRewards
-from plural_diffusion.sampling import sample
 from plural_diffusion.toyworld.prepare import prepare_toy
 from plural_diffusion.toyworld.ratings import load_world
 from plural_diffusion.train_config import TrainConfig
@@ -28,9 +29,14 @@ def held_out_gold(trainer: Trainer, gold, n: int = 48) -> list[float]:
     g = torch.Generator().manual_seed(1234)
     trainer.generator = g
     prompt, taste, z, noise = trainer.draw_batch(n)
-    embeds, negative = trainer._embeds(prompt)
-    traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
-                  embeds, negative, z, trainer.cfg.sampling, generator=g, init_latents=noise)  # fmt: skip
+    policy = TastePolicy(trainer.pipe, trainer.conditioner, sampling=trainer.cfg.sampling)
+    traj = policy.sample(
+        prompt_embeds=trainer.prompt_embeds[prompt],
+        negative_embeds=trainer.negative_embeds[prompt],
+        tastes=z,
+        noise=noise,
+        generator=g,
+    )
     scores = gold(traj.images)  # [n, K]
     if trainer.tastes is None:
         return [round(x, 3) for x in scores.mean(0).tolist()]
@@ -39,7 +45,7 @@ def held_out_gold(trainer: Trainer, gold, n: int = 48) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help='one quoted set of train overrides per run')
+    parser.add_argument("runs", nargs="+", help="one quoted set of train overrides per run")
     parser.add_argument("--reward-overrides", nargs="*", default=[])
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -49,10 +55,18 @@ def main() -> None:
     run = stage_rewards(cfg, assets, cache_root())
     gold = gold_in_head_order(load_world(assets.world), TasteRewards(str(run)).cluster_names)
     for overrides in args.runs:
-        tcfg = load_config(TrainConfig, CONFIGS / "toy.yaml", [
-            f"base={assets.base}", f"rewards={run}", "tensorboard=false", "save_every=1000",
-            f"out_dir=runs/bench/draft_options/{overrides.replace(' ', '_')}", *overrides.split(),
-        ])  # fmt: skip
+        tcfg = load_config(
+            TrainConfig,
+            CONFIGS / "toy.yaml",
+            [
+                f"base={assets.base}",
+                f"rewards={run}",
+                "tensorboard=false",
+                "save_every=1000",
+                f"out_dir=runs/bench/draft_options/{overrides.replace(' ', '_')}",
+                *overrides.split(),
+            ],
+        )
         trainer = Trainer(tcfg, gold_fn=gold)
         history = trainer.fit(progress=False)
         seconds = round(sum(e["seconds"] for e in history))
