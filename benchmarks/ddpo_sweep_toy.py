@@ -1,6 +1,6 @@
 """Benchmark: how many samples DDPO needs to separate the toy tastes, per hyper-parameter.
 
-A one-at-a-time sweep around a DDPO baseline (configs/toy.yaml with method=ddpo,
+A one-at-a-time sweep around a DDPO baseline (plural_diffusion/configs/toy.yaml with method=ddpo,
 objective=matched): each setting changes one knob and trains from the same seed. Every run gets
 the same *sample* budget (`--epochs` epochs of 24 images; a setting that samples 48 per epoch
 runs half as many epochs), because the question is how many samples DDPO needs. DRaFT-1 (the
@@ -49,10 +49,11 @@ import torch
 
 from plural_diffusion.advantages import PerKeyStatTracker
 from plural_diffusion.cache import cache_root
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import CONFIGS, DemoConfig, gold_in_head_order, stage_rewards
+from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
+from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import TasteRewards
-from plural_diffusion.sampling import sample
 from plural_diffusion.toyworld.prepare import prepare_toy
 from plural_diffusion.toyworld.ratings import load_world
 from plural_diffusion.train_config import TrainConfig
@@ -187,9 +188,17 @@ def build_config(assets_base, reward_run, out_dir: Path, epochs: int, overrides)
     return load_config(
         TrainConfig,
         CONFIGS / "toy.yaml",
-        [f"base={assets_base}", f"rewards={reward_run}", "objective=matched", "method=ddpo",
-         "tensorboard=false", f"epochs={epochs}", f"out_dir={out_dir}", *overrides],
-    )  # fmt: skip
+        [
+            f"base={assets_base}",
+            f"rewards={reward_run}",
+            "objective=matched",
+            "method=ddpo",
+            "tensorboard=false",
+            f"epochs={epochs}",
+            f"out_dir={out_dir}",
+            *overrides,
+        ],
+    )
 
 
 def samples_per_epoch(cfg: TrainConfig) -> int:
@@ -216,16 +225,21 @@ def heldout_matrices(trainer: Trainer, gold_fn, n_noises: int, seed: int):
     shape = (unet_cfg.in_channels, unet_cfg.sample_size, unet_cfg.sample_size)
     noise = torch.randn((groups, *shape), generator=g).repeat_interleave(n_tastes, dim=0)
     trainer.unet.eval()
-    traj = sample(
-        trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
-        trainer.prompt_embeds[prompt], trainer.negative_embeds[prompt], trainer.tastes[taste],
-        cfg.sampling, generator=g, init_latents=noise,
-    )  # fmt: skip
+    policy = TastePolicy(trainer.pipe, trainer.conditioner, sampling=cfg.sampling)
+    traj = policy.sample(
+        prompt_embeds=trainer.prompt_embeds[prompt],
+        negative_embeds=trainer.negative_embeds[prompt],
+        tastes=trainer.tastes[taste],
+        noise=noise,
+        generator=g,
+    )
     gold = gold_fn(traj.images.float().cpu())  # [N, K]
     proxy = trainer.rewards.cluster_scores(trainer.rewards.features(traj.images)).cpu()  # [N, K]
     rows = [taste == j for j in range(n_tastes)]
-    return (torch.stack([gold[r].mean(dim=0) for r in rows]),
-            torch.stack([proxy[r].mean(dim=0) for r in rows]))  # fmt: skip
+    return (
+        torch.stack([gold[r].mean(dim=0) for r in rows]),
+        torch.stack([proxy[r].mean(dim=0) for r in rows]),
+    )
 
 
 def separation(matrix: torch.Tensor) -> float:
@@ -275,13 +289,17 @@ def run_setting(
         t0 = time.perf_counter()
         m, proxy = heldout_matrices(trainer, gold_fn, n_noises, seed)
         eval_seconds += time.perf_counter() - t0
-        evals.append({
-            "epoch": epoch, "samples": epoch * per_epoch, "separation": round(separation(m), 4),
-            "own_gold": {n: round(m[i, i].item(), 4) for i, n in enumerate(names)},
-            "matrix": [[round(v, 4) for v in row] for row in m.tolist()],
-            "proxy_separation": round(separation(proxy), 4),
-            "proxy_matrix": [[round(v, 4) for v in row] for row in proxy.tolist()],
-        })  # fmt: skip
+        evals.append(
+            {
+                "epoch": epoch,
+                "samples": epoch * per_epoch,
+                "separation": round(separation(m), 4),
+                "own_gold": {n: round(m[i, i].item(), 4) for i, n in enumerate(names)},
+                "matrix": [[round(v, 4) for v in row] for row in m.tolist()],
+                "proxy_separation": round(separation(proxy), 4),
+                "proxy_matrix": [[round(v, 4) for v in row] for row in proxy.tolist()],
+            }
+        )
 
     evaluate(0)
     for epoch in range(1, cfg.epochs + 1):
@@ -289,22 +307,31 @@ def run_setting(
         log = trainer.train_epoch()
         trainer.epoch += 1
         train_seconds += time.perf_counter() - t0
-        epochs.append({
-            "epoch": epoch, "samples": epoch * per_epoch,
-            "separation": round(log_separation(log, names), 4),
-            "own_gold": {n: round(log["per_taste"][n]["gold"], 4) for n in names},
-            "reward": {n: round(log["per_taste"][n]["reward"], 4) for n in names},
-            **{k: log[k] for k in ("clipfrac", "approx_kl", "loss") if k in log},
-            **({"advantage_offset_share": offset_share[-1]} if offset_share else {}),
-        })  # fmt: skip
+        epochs.append(
+            {
+                "epoch": epoch,
+                "samples": epoch * per_epoch,
+                "separation": round(log_separation(log, names), 4),
+                "own_gold": {n: round(log["per_taste"][n]["gold"], 4) for n in names},
+                "reward": {n: round(log["per_taste"][n]["reward"], 4) for n in names},
+                **{k: log[k] for k in ("clipfrac", "approx_kl", "loss") if k in log},
+                **({"advantage_offset_share": offset_share[-1]} if offset_share else {}),
+            }
+        )
         if epoch % eval_every == 0 or epoch == cfg.epochs:
             evaluate(epoch)
         held = evals[-1] if evals[-1]["epoch"] == epoch else None
-        print(f"  epoch {epoch}: train S {epochs[-1]['separation']:+.3f}"
-              + (f", held-out S {held['separation']:+.3f} (proxy {held['proxy_separation']:+.3f})"
-                 if held else "")
-              + (f", clipfrac {log['clipfrac']:.2f}" if "clipfrac" in log else "")
-              + f" ({time.perf_counter() - t0:.1f} s)", flush=True)  # fmt: skip
+        print(
+            f"  epoch {epoch}: train S {epochs[-1]['separation']:+.3f}"
+            + (
+                f", held-out S {held['separation']:+.3f} (proxy {held['proxy_separation']:+.3f})"
+                if held
+                else ""
+            )
+            + (f", clipfrac {log['clipfrac']:.2f}" if "clipfrac" in log else "")
+            + f" ({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
     return {
         "samples_per_epoch": per_epoch,
         "epochs": cfg.epochs,
@@ -368,9 +395,12 @@ def main() -> None:
     previous_seconds = results.get("sweep_seconds", 0.0) if args.merge else 0.0
     if not args.merge:
         results.update(
-            threshold=args.threshold, budget_samples=budget, eval_every_epochs=args.eval_every,
-            torch_threads=1, assets={"base": str(assets.base), "rewards": str(reward_run)},
-        )  # fmt: skip
+            threshold=args.threshold,
+            budget_samples=budget,
+            eval_every_epochs=args.eval_every,
+            torch_threads=1,
+            assets={"base": str(assets.base), "rewards": str(reward_run)},
+        )
     elif results.get("assets", {}).get("base") != str(assets.base):
         parser.error(f"--merge: {args.results} was measured on another toy base")
     t_all = time.perf_counter()
@@ -382,9 +412,13 @@ def main() -> None:
         print(f"{label}: {epochs} epochs x {samples_per_epoch(cfg)} samples", flush=True)
         patches = [o for o in overrides if o in PATCHES]
         run = run_setting(cfg, gold_fn, args.eval_every, args.eval_noises, args.seed, patches)
-        run.update(axis=axis, overrides=[*overrides, *args.overrides], budget_samples=budget,
-                   eval_every_epochs=args.eval_every,
-                   samples_to_separate=samples_to_separate(run, args.threshold))  # fmt: skip
+        run.update(
+            axis=axis,
+            overrides=[*overrides, *args.overrides],
+            budget_samples=budget,
+            eval_every_epochs=args.eval_every,
+            samples_to_separate=samples_to_separate(run, args.threshold),
+        )
         results["runs"][label] = run
         results["runs"] = ordered(results["runs"])
         results["eval_images_per_taste"] = args.eval_noises * len(cfg.prompts)
@@ -407,8 +441,10 @@ def ordered(runs: dict) -> dict:
 def print_table(results: dict) -> None:
     """Final = last held-out evaluation; peak = best held-out S and the samples it came at;
     S train = mean of the last two epochs' training-sample separation."""
-    print(f"\n{'setting':26s} {'to separate':>13s} {'final own gold (per cluster)':>31s} "
-          f"{'S final':>7s} {'S peak @':>12s} {'S train':>7s} {'wall s':>6s}")  # fmt: skip
+    print(
+        f"\n{'setting':26s} {'to separate':>13s} {'final own gold (per cluster)':>31s} "
+        f"{'S final':>7s} {'S peak @':>12s} {'S train':>7s} {'wall s':>6s}"
+    )
     for label, run in ordered(results["runs"]).items():
         last = run["heldout"][-1]
         peak = max(run["heldout"], key=lambda e: e["separation"])
@@ -416,9 +452,11 @@ def print_table(results: dict) -> None:
         gold = " ".join(f"{k} {v:.2f}" for k, v in last["own_gold"].items())
         s_train = sum(e["separation"] for e in run["per_epoch"][-2:]) / len(run["per_epoch"][-2:])
         wall = run["train_seconds"] + run["eval_seconds"]
-        print(f"{label:26s} {str(n) if n else 'not in budget':>13s} {gold:>31s} "
-              f"{last['separation']:>+7.3f} {peak['separation']:>+6.3f} @{peak['samples']:<4d} "
-              f"{s_train:>+7.3f} {wall:>6.0f}")  # fmt: skip
+        print(
+            f"{label:26s} {str(n) if n else 'not in budget':>13s} {gold:>31s} "
+            f"{last['separation']:>+7.3f} {peak['separation']:>+6.3f} @{peak['samples']:<4d} "
+            f"{s_train:>+7.3f} {wall:>6.0f}"
+        )
 
 
 def plot(results: dict, path: Path) -> None:
@@ -453,8 +491,12 @@ def plot(results: dict, path: Path) -> None:
             label=label,
             **kw,
         )
-        axes[1].plot([e["samples"] for e in run["per_epoch"]],
-                     [e["separation"] for e in run["per_epoch"]], alpha=0.8, **kw)  # fmt: skip
+        axes[1].plot(
+            [e["samples"] for e in run["per_epoch"]],
+            [e["separation"] for e in run["per_epoch"]],
+            alpha=0.8,
+            **kw,
+        )
     titles = ["held-out generation", "training samples (per-epoch log)"]
     if long:
         for i, (label, run) in enumerate(long.items()):
@@ -467,9 +509,13 @@ def plot(results: dict, path: Path) -> None:
                 label=f"{label} (held-out)",
                 **kw,
             )
-            axes[2].plot([e["samples"] for e in run["per_epoch"]],
-                         [e["separation"] for e in run["per_epoch"]], alpha=0.35,
-                         color=kw["color"], lw=0.8)  # fmt: skip
+            axes[2].plot(
+                [e["samples"] for e in run["per_epoch"]],
+                [e["separation"] for e in run["per_epoch"]],
+                alpha=0.35,
+                color=kw["color"],
+                lw=0.8,
+            )
         titles.append("longer budget (faint: training samples)")
         axes[2].legend(fontsize=7)
     for ax, title in zip(axes, titles):

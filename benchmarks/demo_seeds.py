@@ -107,8 +107,11 @@ def line(row: dict) -> str:
     failed = [c for c in CHECKS if c in ok and not ok[c]]
     parts = [
         f"seed {row['seed']}:",
-        *(f"{p} {fmt(f'{v:.3f}' for v in g[p])}" for p in ("base", "mean", "matched", "maxmin")
-          if p in g),  # fmt: skip
+        *(
+            f"{p} {fmt(f'{v:.3f}' for v in g[p])}"
+            for p in ("base", "mean", "matched", "maxmin")
+            if p in g
+        ),
         f"vendi-within matched {row['vendi_within_taste']['matched']:.2f} "
         f"base {row['vendi_within_taste']['base']:.2f}",
         f"{row['seconds']:.0f} s",
@@ -168,8 +171,9 @@ def main() -> None:
     out_root = args.out / (args.method or "default") / (args.tag or "main")
     out_root.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_seed, s, args.method, args.overrides, out_root)
-                   for s in args.seeds]  # fmt: skip
+        futures = [
+            pool.submit(run_seed, s, args.method, args.overrides, out_root) for s in args.seeds
+        ]
         rows = []
         for future in futures:
             row = future.result()
@@ -177,7 +181,11 @@ def main() -> None:
             rows.append(row)
             print(line(row), flush=True)
     summary = aggregate(rows)
-    stem = "demo_seeds" + (f"-{args.method}" if args.method else "") + (f"-{args.tag}" if args.tag else "")
+    stem = (
+        "demo_seeds"
+        + (f"-{args.method}" if args.method else "")
+        + (f"-{args.tag}" if args.tag else "")
+    )
     command = "python benchmarks/demo_seeds.py " + " ".join(sys.argv[1:])
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(

@@ -19,11 +19,12 @@ import torch
 
 from plural_diffusion.backbone import disable_adapters
 from plural_diffusion.cache import cache_root
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import CONFIGS, DemoConfig, gold_in_head_order, stage_rewards
+from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
 from plural_diffusion.evaluate import vendi_score
+from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import TasteRewards
-from plural_diffusion.sampling import sample
 from plural_diffusion.toyworld.prepare import prepare_toy
 from plural_diffusion.toyworld.ratings import load_world
 from plural_diffusion.train_config import TrainConfig
@@ -39,10 +40,12 @@ def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
     prompt, taste, z, noise = trainer.draw_batch(n)
     embeds, negative = trainer._embeds(prompt)
     conditioner = None if base else trainer.conditioner
+    policy = TastePolicy(trainer.pipe, conditioner, sampling=trainer.cfg.sampling)
     with disable_adapters(trainer.unet) if base else contextlib.nullcontext():
-        traj = sample(trainer.unet, conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
-                      embeds, negative, None if base else z, trainer.cfg.sampling, generator=g,
-                      init_latents=noise)  # fmt: skip
+        traj = policy.sample(
+            prompt_embeds=embeds, negative_embeds=negative, tastes=None if base else z,
+            noise=noise, generator=g,
+        )  # fmt: skip
     scores = gold(traj.images)  # [n, K]
     features = trainer.rewards.features(traj.images)
     if trainer.tastes is None or base:

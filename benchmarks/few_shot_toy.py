@@ -38,13 +38,18 @@ from plural_diffusion.toyworld.ratings import ToyWorldConfig, load_world, write_
 from reward_models.config import to_dict
 from reward_models.data import RatingData, load_ratings, split_by_rater
 from reward_models.heads import MeanHeadConfig, RaterHeadConfig, build_head
-from reward_models.latent import Context, LatentHead, LatentHeadConfig
-from reward_models.latent_eval import FewShotResult, diagnose, few_shot_eval, few_shot_protocol
-from reward_models.latent_fit import LatentTrainConfig, fit_latent
-from reward_models.latent_query import select_queries
-from reward_models.mdn import MDNHeadConfig, MDNTrainConfig, fit_mdn, rater_log_likelihood
 from reward_models.metrics import adjusted_rand_index, pairwise_accuracy, spearman
-from reward_models.mixture import EMConfig, fit_em
+from reward_models.research.latent import Context, LatentHead, LatentHeadConfig
+from reward_models.research.latent_eval import (
+    FewShotResult,
+    diagnose,
+    few_shot_eval,
+    few_shot_protocol,
+)
+from reward_models.research.latent_fit import LatentTrainConfig, fit_latent
+from reward_models.research.latent_query import select_queries
+from reward_models.research.mdn import MDNHeadConfig, MDNTrainConfig, fit_mdn, rater_log_likelihood
+from reward_models.research.mixture import EMConfig, fit_em
 from reward_models.train import PairSet, ScoreSet, TrainHeadConfig, fit_head
 
 RESULTS = Path(__file__).parent / "results"

@@ -34,9 +34,10 @@ import open_clip
 import torch
 
 from plural_diffusion.conditioning import unet_forward
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddim import ddim_step_with_logprob, trainable_step_mask
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import CONFIGS, DemoConfig
+from plural_diffusion.demo import DemoConfig
 from plural_diffusion.sampling import decode_images, guided_noise, sample
 from plural_diffusion.sd15_random import SD15_CPU, SD15_FULL, save_sd15_random
 from plural_diffusion.toyworld.clip import CONFIG_FILE, WEIGHTS_FILE, register_toy_clip

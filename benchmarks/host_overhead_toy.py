@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from plural_diffusion.conditioning import _attached_tokens, unet_forward
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import CONFIGS, DemoConfig, stage_rewards
+from plural_diffusion.demo import DemoConfig, stage_rewards
 from plural_diffusion.toyworld.prepare import prepare_toy
 from plural_diffusion.train_config import TrainConfig
 from reward_models.config import load_config

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.toyworld.prepare import ToyPrepareConfig, prepare_toy
 from plural_diffusion.toyworld.raters import gold_utility
 from plural_diffusion.toyworld.ratings import load_world
@@ -61,7 +62,7 @@ def main() -> None:
     world = load_world(assets.world)
     cfg = load_config(
         RewardTrainConfig,
-        HERE.parent / "configs" / "reward-toy.yaml",
+        CONFIGS / "reward-toy.yaml",
         [
             f"data.path={assets.world}",
             f"data.rater_info={assets.world / 'raters.csv'}",
@@ -81,7 +82,9 @@ def main() -> None:
     image_index = {name: i for i, name in enumerate(world.image_names)}
     gold_all = gold_utility(world.images.images, world.raters)  # [N, R_world]
     world_rater = {rid: i for i, rid in enumerate(world.raters.ids)}
-    cluster_of = [world.raters.cluster_names[world.raters.cluster[world_rater[r]]] for r in run.rater_ids]
+    cluster_of = [
+        world.raters.cluster_names[world.raters.cluster[world_rater[r]]] for r in run.rater_ids
+    ]
 
     df = test.scores.df
     ceiling, model_noisy = {}, {"mean": {}, "rater": {}}
@@ -97,7 +100,9 @@ def main() -> None:
                 continue
             pos = [test_images.index(i) for i in rows["image"]]
             noisy = rows["score"].to_numpy()
-            rater_scores = run.rater.score(x_test, run.rater.taste_of(torch.full((len(test_images),), r)))
+            rater_scores = run.rater.score(
+                x_test, run.rater.taste_of(torch.full((len(test_images),), r))
+            )
             gold_r = gold_test[:, world_rater[rid]]
             ceiling[r] = pairwise_accuracy(gold_r[pos], noisy)
             model_noisy["mean"][r] = pairwise_accuracy(mean_scores[pos], noisy)
@@ -141,9 +146,18 @@ def main() -> None:
     print("| pairwise accuracy | " + " | ".join(clusters) + " |")
     print("|---|" + "---|" * len(clusters))
     rows = [
-        ("noise ceiling (gold utility vs noisy held-out scores)", result["noisy_heldout_pairwise_accuracy"]["noise_ceiling"]),
-        ("mean head, noisy held-out scores", result["noisy_heldout_pairwise_accuracy"]["mean_head"]),
-        ("rater head, noisy held-out scores", result["noisy_heldout_pairwise_accuracy"]["rater_head"]),
+        (
+            "noise ceiling (gold utility vs noisy held-out scores)",
+            result["noisy_heldout_pairwise_accuracy"]["noise_ceiling"],
+        ),
+        (
+            "mean head, noisy held-out scores",
+            result["noisy_heldout_pairwise_accuracy"]["mean_head"],
+        ),
+        (
+            "rater head, noisy held-out scores",
+            result["noisy_heldout_pairwise_accuracy"]["rater_head"],
+        ),
         ("mean head vs gold utility", result["gold_pairwise_accuracy"]["mean_head"]),
         ("rater head vs gold utility", result["gold_pairwise_accuracy"]["rater_head"]),
     ]

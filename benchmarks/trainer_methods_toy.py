@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 
 from plural_diffusion.cache import cache_root
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import train
-from plural_diffusion.demo import CONFIGS, DemoConfig, gold_in_head_order, stage_rewards
+from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
 from plural_diffusion.rewards import TasteRewards
 from plural_diffusion.toyworld.prepare import prepare_toy
 from plural_diffusion.toyworld.ratings import load_world
@@ -48,10 +49,17 @@ def main() -> None:
         cfg = load_config(
             TrainConfig,
             CONFIGS / "toy.yaml",
-            [f"base={assets.base}", f"rewards={reward_run}", "objective=matched",
-             f"method={method}", f"epochs={args.epochs}", f"save_every={args.epochs}",
-             f"out_dir={args.out / method}", *args.overrides],
-        )  # fmt: skip
+            [
+                f"base={assets.base}",
+                f"rewards={reward_run}",
+                "objective=matched",
+                f"method={method}",
+                f"epochs={args.epochs}",
+                f"save_every={args.epochs}",
+                f"out_dir={args.out / method}",
+                *args.overrides,
+            ],
+        )
         per_epoch = (
             cfg.draft.batch_size * cfg.draft.steps_per_epoch
             if method == "draft"
@@ -77,8 +85,10 @@ def main() -> None:
     for method in ("draft", "ddpo"):
         r = results[method]
         last = {k: v[-1] for k, v in r["gold_per_epoch"].items()}
-        print(f"{method}: {args.epochs * r['samples_per_epoch']} samples, {r['seconds']} s, "
-              f"final gold per cluster {last}")  # fmt: skip
+        print(
+            f"{method}: {args.epochs * r['samples_per_epoch']} samples, {r['seconds']} s, "
+            f"final gold per cluster {last}"
+        )
     print(f"wrote {out}")
 
 

@@ -43,10 +43,13 @@ DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 ADAPTER = "default"  # peft's adapter name; one trainable adapter per UNet
 
 _DTYPES = {
-    "fp32": torch.float32, "float32": torch.float32,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-    "fp16": torch.float16, "float16": torch.float16,
-}  # fmt: skip
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def resolve_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -7,14 +7,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from plural_diffusion.configs import CONFIGS, config_path
 from reward_models.config import load_config, to_dict
 from reward_models.errors import UserError, run_cli, run_parser
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
 
 def _add_config_args(p: argparse.ArgumentParser, default: str | None) -> None:
-    p.add_argument("--config", type=Path, default=None, help=f"YAML config (default: {default})")
+    shipped = f"; default: {default}" if default else ""
+    p.add_argument(
+        "--config",
+        type=config_path,
+        default=None,
+        help=f"YAML config: a file, or the name of a shipped one (toy.yaml, sd15.yaml{shipped})",
+    )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
 
 
@@ -75,12 +80,16 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _sampling(args):
-    from plural_diffusion.sampling import SamplingConfig
+def _sampling_overrides(args):
+    """The sampler values given on the command line; the others stay as the policy was trained."""
+    from plural_diffusion.policy import SamplingOverrides
 
-    if args.steps < 1 or not 0.0 <= args.eta <= 1.0:
-        raise UserError(f"--steps {args.steps} must be >= 1 and --eta {args.eta} in [0, 1]")
-    return SamplingConfig(steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+    return SamplingOverrides(
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        negative_prompt=args.negative_prompt,
+    ).check()
 
 
 def cmd_generate(args) -> int:
@@ -100,7 +109,7 @@ def cmd_generate(args) -> int:
         interpolate_steps=args.interpolate_steps,
         prompts=args.prompt,
         seeds=parse_seeds(args.seeds, args.seed_list),
-        sampling=_sampling(args),
+        overrides=_sampling_overrides(args),
         out_dir=args.out,
         batch_size=args.batch_size,
         device=args.device,
@@ -134,7 +143,8 @@ def cmd_evaluate(args) -> int:
     import torch
 
     from plural_diffusion.evaluate import EvalConfig, evaluate_policies, toy_gold
-    from plural_diffusion.generate import checkpoint_config, parse_seeds, policy_dir
+    from plural_diffusion.generate import parse_seeds
+    from plural_diffusion.policy import CheckpointInfo, policy_dir
     from plural_diffusion.report import summary_table, write_report
     from plural_diffusion.rewards import TasteRewards
     from reward_models.io import write_json
@@ -143,7 +153,7 @@ def cmd_evaluate(args) -> int:
     _quiet_model_loading()
     policies = {n: policy_dir(p) for n, p in _named_dirs(args.policy, "--policy").items()}
     curves = _named_dirs(args.checkpoints, "--checkpoints")
-    trained = next((checkpoint_config(p) for p in policies.values()), {})
+    trained = next((CheckpointInfo.read(p).config for p in policies.values()), {})
     base = args.base or trained.get("base")
     rewards_dir = args.rewards or trained.get("rewards")
     if not base:
@@ -160,13 +170,15 @@ def cmd_evaluate(args) -> int:
         prompts=args.prompt or trained.get("prompts", [])[:2] or EvalConfig().prompts,
         seed_list=seeds,
         images_per_prompt=len(seeds),
-        sampling=_sampling(args),
+        sampling=_sampling_overrides(args),
         batch_size=args.batch_size,
         curve_images_per_prompt=args.curve_seeds,
     )
     baseline = args.baseline or ("mean" if "mean" in policies else "base")
-    print(f"evaluating {', '.join(['base', *policies])} on {len(cfg.prompts)} prompt(s) x "
-          f"{len(seeds)} seed(s); gold utilities: {world or 'none (not a toy world)'}")  # fmt: skip
+    print(
+        f"evaluating {', '.join(['base', *policies])} on {len(cfg.prompts)} prompt(s) x "
+        f"{len(seeds)} seed(s); gold utilities: {world or 'none (not a toy world)'}"
+    )
     metrics, images = evaluate_policies(
         base, policies, rewards, cfg, gold_fn, baseline, curves, device=args.device
     )
@@ -176,6 +188,18 @@ def cmd_evaluate(args) -> int:
     print(summary_table(metrics))
     print(f"\nwrote {args.out / 'metrics.json'}")
     print(f"report: {report.resolve()}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from plural_diffusion.export import EXPORT_JSON, export_diffusers
+
+    _quiet_model_loading()
+    out = export_diffusers(
+        args.checkpoint, args.out, args.taste, args.rewards, args.base, device=args.device
+    )
+    print(f"wrote a diffusers StableDiffusionPipeline to {out} (load it with from_pretrained)")
+    print(f"trained sampler (steps, guidance, eta, negative prompt): {out / EXPORT_JSON}")
     return 0
 
 
@@ -194,10 +218,18 @@ def cmd_show_config(args) -> int:
 
 def _add_policy_args(p: argparse.ArgumentParser) -> None:
     """Options `generate` and `evaluate` share: models, prompts, seeds, sampling."""
-    p.add_argument("--base", default=None, help="base model: diffusers SD dir or hub id "
-                   "(default: the one the checkpoint was trained on)")  # fmt: skip
-    p.add_argument("--rewards", type=Path, default=None, help="reward run of the taste vectors "
-                   "(default: the one the checkpoint was trained with)")  # fmt: skip
+    p.add_argument(
+        "--base",
+        default=None,
+        help="base model: diffusers SD dir or hub id "
+        "(default: the one the checkpoint was trained on)",
+    )
+    p.add_argument(
+        "--rewards",
+        type=Path,
+        default=None,
+        help="reward run of the taste vectors (default: the one the checkpoint was trained with)",
+    )
     p.add_argument(
         "--prompt",
         action="append",
@@ -209,10 +241,14 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
         "--seeds", type=int, default=None, metavar="N", help="seeds 0..N-1 (default 4)"
     )
     seeds.add_argument("--seed-list", default=None, metavar="S1,S2,...", help="explicit seeds")
-    p.add_argument("--steps", type=int, default=20, help="DDIM denoising steps (default 20)")
-    p.add_argument("--guidance", type=float, default=4.0, help="classifier-free guidance scale")
+    trained = "default: as the policy was trained"
+    p.add_argument("--steps", type=int, default=None, help=f"DDIM denoising steps ({trained})")
     p.add_argument(
-        "--eta", type=float, default=1.0, help="DDIM noise (the policy was trained with 1)"
+        "--guidance", type=float, default=None, help=f"classifier-free guidance scale ({trained})"
+    )
+    p.add_argument("--eta", type=float, default=None, help=f"DDIM noise in [0, 1] ({trained})")
+    p.add_argument(
+        "--negative-prompt", default=None, metavar="TEXT", help=f"negative prompt ({trained})"
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling call")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -230,15 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the end-to-end job on the built-in toy world")
-    demo.add_argument("--fast", action="store_true", help="smoke-sized run (about a minute)")
+    demo.add_argument("--fast", action="store_true", help="smoke-sized run of every stage")
     demo.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output directory")
     demo.add_argument("--cache-dir", type=Path, default=None, help="stage cache directory")
-    _add_config_args(demo, "configs/demo.yaml")
+    _add_config_args(demo, "demo.yaml, or demo-fast.yaml with --fast")
     demo.set_defaults(func=cmd_demo)
 
     train = sub.add_parser("train", help="RL fine-tune a taste-conditioned LoRA policy")
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    _add_config_args(train, "configs/toy.yaml")
+    _add_config_args(train, "toy.yaml")
     train.set_defaults(func=cmd_train)
 
     gen = sub.add_parser("generate", help="images per taste from a base model and a trained policy")
@@ -321,13 +357,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="output directory")
     ev.set_defaults(func=cmd_evaluate)
 
+    export = sub.add_parser(
+        "export",
+        help="a policy for one taste as a plain diffusers pipeline folder (where that is exact)",
+    )
+    export.add_argument(
+        "--checkpoint", type=Path, required=True, help="trained policy (RUN/checkpoints/epoch-NNNN)"
+    )
+    export.add_argument(
+        "--taste",
+        default="mean",
+        metavar="SPEC",
+        help="the taste to bake in: cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean "
+        "(default mean)",
+    )
+    export.add_argument(
+        "--rewards",
+        type=Path,
+        default=None,
+        help="reward run of the tastes (default: the one the checkpoint was trained with)",
+    )
+    export.add_argument("--base", default=None, help="base model (default: the trained one)")
+    export.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    export.add_argument("out", type=Path, help="output folder")
+    export.set_defaults(func=cmd_export)
+
     toy = sub.add_parser("toy", help="the built-in toy taste world").add_subparsers(
         dest="toy_command", required=True
     )
     prep = toy.add_parser("prepare", help="build and cache the toy world and its tiny models")
     prep.add_argument("--cache-dir", type=Path, default=None, help="stage cache directory")
     prep.add_argument("--rebuild", action="store_true", help="ignore cached stages")
-    _add_config_args(prep, "configs/toy-prepare.yaml")
+    _add_config_args(prep, "toy-prepare.yaml")
     prep.set_defaults(func=cmd_toy_prepare)
 
     world = toy.add_parser("world", help="write a rated toy world (images + tables) to a folder")

@@ -31,13 +31,13 @@ from plural_diffusion.backbone import (
     disable_adapters,
     load_checkpoint,
     load_pipeline,
-    save_checkpoint,
     trainable_parameters,
 )
 from plural_diffusion.conditioning import TasteConditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
+from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import NeedAssignment, TasteRewards
-from plural_diffusion.sampling import guided_noise, sample
+from plural_diffusion.sampling import guided_noise
 from plural_diffusion.train_config import TrainConfig, check_options
 from plural_diffusion.trainer_state import (
     STATE_JSON,
@@ -148,6 +148,12 @@ class Trainer:
                 self.conditioner.set_experts(self.rewards.cluster_tastes)
             self.conditioner.attach(self.unet)
         self.tastes, self.taste_names, self.taste_weights = self._taste_table()
+        # what is trained and saved: the LoRA, the taste module, and how it samples
+        self.policy = TastePolicy(
+            self.pipe, self.conditioner, sampling=cfg.sampling,
+            negative_prompt=cfg.negative_prompt, taste_space=self.rewards.space,
+            taste_names=self.taste_names, base=cfg.base, config=to_dict(cfg),
+        )  # fmt: skip
         self.params = trainable_parameters(self.unet, self.conditioner)
         # prepared: accelerate's wrapper unscales fp16 gradients (clip_grad_norm_) and skips a
         # step whose gradients overflowed. Not the UNet: its LoRA gradients are averaged over
@@ -201,9 +207,9 @@ class Trainer:
                 prompt, _, _, noise = self.draw_batch(self.cfg.draft.batch_size)
                 embeds, negative = self._embeds(prompt)
                 with self.accelerator.autocast():
-                    traj = sample(
-                        self.unet, None, self.pipe.vae, self.pipe.scheduler, embeds, negative,
-                        None, self.cfg.sampling, generator=self.generator, init_latents=noise,
+                    traj = self.policy.sample(
+                        prompt_embeds=embeds, negative_embeds=negative, tastes=None,
+                        noise=noise, generator=self.generator,
                     )  # fmt: skip
                 images.append(traj.images.float())
         finally:
@@ -340,10 +346,9 @@ class Trainer:
             prompt, taste, z, noise = self.draw_batch(ddpo.sample_batch_size)
             embeds, negative = self._embeds(prompt)
             with torch.no_grad(), self.accelerator.autocast():
-                traj = sample(
-                    self.unet, self.conditioner, self.pipe.vae, scheduler, embeds, negative,
-                    self._policy_taste(z, taste), cfg.sampling, generator=self.generator,
-                    init_latents=noise,
+                traj = self.policy.sample(
+                    prompt_embeds=embeds, negative_embeds=negative,
+                    tastes=self._policy_taste(z, taste), noise=noise, generator=self.generator,
                 )  # fmt: skip
             # ---- 2. rewards: each image scored by the head for the taste it was asked for
             with torch.no_grad():
@@ -451,17 +456,17 @@ class Trainer:
 
     def _draft_epoch(self) -> dict:
         """Reward backpropagation through the last K denoising steps and the decoder."""
-        cfg, draft = self.cfg, self.cfg.draft
+        draft = self.cfg.draft
         self.unet.train()
         rewards, tastes, images, losses, kls, sims = [], [], [], [], [], []
         for _ in range(draft.steps_per_epoch):
             prompt, taste, z, noise = self.draw_batch(draft.batch_size)
             embeds, negative = self._embeds(prompt)
             with self.accelerator.autocast():
-                traj = sample(
-                    self.unet, self.conditioner, self.pipe.vae, self.pipe.scheduler, embeds,
-                    negative, self._policy_taste(z, taste), cfg.sampling, generator=self.generator,
-                    init_latents=noise, grad_last_steps=draft.last_k_steps,
+                traj = self.policy.sample(
+                    prompt_embeds=embeds, negative_embeds=negative,
+                    tastes=self._policy_taste(z, taste), noise=noise, generator=self.generator,
+                    grad_last_steps=draft.last_k_steps,
                 )  # fmt: skip
                 # the reward for taste z, differentiable all the way back to the LoRA
                 reward = self._reward(traj.images, z, taste)
@@ -620,12 +625,9 @@ class Trainer:
             "history": self.history,
         }
         with atomic_dir(directory) as tmp:
-            save_checkpoint(
-                tmp / POLICY_DIR, self.unet, self.conditioner,
-                metadata={"epoch": self.epoch, "objective": self.cfg.objective,
-                          "taste_space": self.rewards.space,
-                          "tastes": self.taste_names, "config": to_dict(self.cfg)},
-            )  # fmt: skip
+            self.policy.save_pretrained(
+                tmp / POLICY_DIR, metadata={"epoch": self.epoch, "objective": self.cfg.objective}
+            )
             write_state(tmp, plain, {**tensors, **per_rank})
 
     def resume(self, directory: Path) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from plural_diffusion.cache import cache_root, cached_stage, code_fingerprint
+from plural_diffusion.configs import config_path
 from plural_diffusion.ddpo import latest_checkpoint
 from plural_diffusion.ddpo import train as train_policy
 from plural_diffusion.evaluate import EvalConfig, evaluate_policies, gold_in_head_order
@@ -38,32 +39,25 @@ from reward_models.io import write_json
 from reward_models.workflow import RewardTrainConfig, evaluate
 from reward_models.workflow import train as train_rewards
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-
 
 @dataclass
 class DemoConfig:
     prepare: ToyPrepareConfig = field(default_factory=ToyPrepareConfig)
-    reward_config: str = "reward-toy.yaml"  # in configs/, or a path
+    reward_config: str = "reward-toy.yaml"  # a shipped config (plural_diffusion/configs/) or a path
     reward_overrides: list[str] = field(default_factory=list)
-    train_config: str = "toy.yaml"  # in configs/, or a path
+    train_config: str = "toy.yaml"  # a shipped config or a path
     train_overrides: list[str] = field(default_factory=list)
     policies: list[str] = field(default_factory=lambda: ["mean", "matched", "maxmin"])
     eval: EvalConfig = field(default_factory=EvalConfig)
     # The toy models are tiny: per-op overhead dominates and a second intra-op thread mostly adds
-    # OpenMP barrier waits (measured 3-8x slower on a busy 2-core CPU).
+    # OpenMP barrier waits (README, "Timing").
     num_threads: int = 1
-
-
-def _config_path(name: str) -> Path:
-    path = Path(name)
-    return path if path.is_absolute() or path.exists() else CONFIGS / name
 
 
 def stage_rewards(cfg: DemoConfig, assets, root: Path) -> Path:
     rcfg = load_config(
         RewardTrainConfig,
-        _config_path(cfg.reward_config),
+        config_path(cfg.reward_config),
         [
             f"data.path={assets.world}",
             f"data.rater_info={assets.world / 'raters.csv'}",
@@ -87,10 +81,16 @@ POLICY_STAGE_LAYOUT = 2
 
 # the modules a policy stage runs (with the reward heads it scores with)
 POLICY_CODE = (
-    "plural_diffusion.advantages", "plural_diffusion.backbone", "plural_diffusion.conditioning",
-    "plural_diffusion.ddim", "plural_diffusion.ddpo", "plural_diffusion.rewards",
-    "plural_diffusion.sampling", "plural_diffusion.train_config", "reward_models",
-)  # fmt: skip
+    "plural_diffusion.advantages",
+    "plural_diffusion.backbone",
+    "plural_diffusion.conditioning",
+    "plural_diffusion.ddim",
+    "plural_diffusion.ddpo",
+    "plural_diffusion.rewards",
+    "plural_diffusion.sampling",
+    "plural_diffusion.train_config",
+    "reward_models",
+)
 
 
 def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gold_fn, root: Path):
@@ -98,11 +98,15 @@ def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gol
     saved one, for the over-optimisation curve), and the training logs."""
     tcfg = load_config(
         TrainConfig,
-        _config_path(cfg.train_config),
+        config_path(cfg.train_config),
         [f"base={base}", f"rewards={rewards}", f"objective={objective}", *cfg.train_overrides],
     )
-    key = {**to_dict(tcfg), "out_dir": None, "stage_layout": POLICY_STAGE_LAYOUT,
-           "code": code_fingerprint(*POLICY_CODE)}  # fmt: skip
+    key = {
+        **to_dict(tcfg),
+        "out_dir": None,
+        "stage_layout": POLICY_STAGE_LAYOUT,
+        "code": code_fingerprint(*POLICY_CODE),
+    }
 
     def build(tmp: Path) -> None:
         # Train in a stable work directory, so a killed run resumes from its last checkpoint.
@@ -190,5 +194,9 @@ def _write_grids(images: dict, cfg: EvalConfig, out_dir: Path) -> None:
         for taste, x in per_taste.items():
             rows.append(x[:n])  # the first prompt's images (prompt-major)
             labels.append(policy if taste == "none" else f"{policy} → {taste}")
-    save_grid(torch.stack(rows), out_dir / "policies_grid.png", row_labels=labels,
-              title=f"'{cfg.prompts[0]}': same seeds in every column")  # fmt: skip
+    save_grid(
+        torch.stack(rows),
+        out_dir / "policies_grid.png",
+        row_labels=labels,
+        title=f"'{cfg.prompts[0]}': same seeds in every column",
+    )

@@ -2,7 +2,10 @@
 worst cluster, win rates, cross-taste matrix, diversity, and over-optimisation across checkpoints.
 
 Every policy generates from the same prompts and the same seeds (see `plural_diffusion.generate`:
-an image is fixed by its taste, prompt and seed). A taste-conditioned policy generates one set per
+an image is fixed by its taste, prompt and seed), with the sampler it was trained with (DDIM
+steps, guidance, eta, negative prompt; `EvalConfig.sampling` overrides values for all); the base
+model, which was not trained, samples as the first trained policy does, so the two are compared
+on the same sampler. A taste-conditioned policy generates one set per
 taste cluster, asked for that cluster's centroid taste; a taste-blind one (base, mean, maxmin)
 generates one set, keyed "none", that every cluster judges. Scores come from the learned heads
 (the proxy the policies were trained on) and, where the world knows them (the toy world), from
@@ -15,23 +18,23 @@ the gold utilities the policies never saw.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from plural_diffusion.generate import (
-    Policy,
-    Taste,
-    generate_images,
-    load_policy,
+from plural_diffusion.generate import Taste, generate_images
+from plural_diffusion.policy import (
+    CheckpointInfo,
+    SamplerSettings,
+    SamplingOverrides,
+    TastePolicy,
     policy_dir,
-    swap_checkpoint,
-    taste_space,
+    resolve_settings,
 )
 from plural_diffusion.rewards import TasteRewards
-from plural_diffusion.sampling import SamplingConfig
 from plural_diffusion.visualize import NO_TASTE
 from reward_models.errors import UserError
 
@@ -42,7 +45,8 @@ class EvalConfig:
     images_per_prompt: int = 8  # per prompt and taste; the same seeds for every policy
     seed: int = 1234  # images use seeds seed, seed + 1, ... (unless seed_list is given)
     seed_list: list[int] | None = None
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # sampler values that replace every policy's trained ones (unset: each samples as trained)
+    sampling: SamplingOverrides = field(default_factory=SamplingOverrides)
     batch_size: int = 24  # images per sampling call
     # per prompt and taste at each training checkpoint, for the over-optimisation curve
     curve_images_per_prompt: int = 4
@@ -98,11 +102,11 @@ def mean_pairwise_distance(features: torch.Tensor) -> float:
 
 
 # --------------------------------------------------------------------------------- generation
-def policy_tastes(policy, rewards: TasteRewards) -> list[Taste]:
+def policy_tastes(policy: TastePolicy, rewards: TasteRewards) -> list[Taste]:
     """One taste per cluster for a taste-conditioned policy; the null taste for a blind one."""
     if policy.conditioner is None:
         return [Taste(NO_TASTE, "mean", None)]
-    tastes = rewards.cluster_tastes_in(taste_space(policy.checkpoint))
+    tastes = rewards.cluster_tastes_in(policy.taste_space)
     return [
         Taste(name, f"cluster:{name}", tastes[k].detach().cpu())
         for k, name in enumerate(rewards.cluster_names)
@@ -110,24 +114,19 @@ def policy_tastes(policy, rewards: TasteRewards) -> list[Taste]:
 
 
 @torch.no_grad()
-def generate(
-    base: str | Policy,
-    checkpoint: Path | None,
+def generate_per_taste(
+    policy: TastePolicy,
     rewards: TasteRewards,
     cfg: EvalConfig,
-    device="cpu",
+    settings: SamplerSettings,
     seeds: list[int] | None = None,
     progress: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Images per taste: {cluster name: [P * S, 3, H, W]} (prompt-major) for a taste-conditioned
-    checkpoint, {"none": ...} for a taste-blind one (None = the base model). `base` may be a
-    loaded `Policy` instead (then `checkpoint` is ignored)."""
-    policy = base if isinstance(base, Policy) else load_policy(base, checkpoint, device=device)
+    """Images per taste: {cluster name: [P * S, 3, H, W]} (prompt-major) for a
+    taste-conditioned policy, {"none": ...} for a taste-blind one or the base model."""
     tastes = policy_tastes(policy, rewards)
     seeds = cfg.seeds if seeds is None else seeds
-    images = generate_images(
-        policy, cfg.prompts, tastes, seeds, cfg.sampling, cfg.batch_size, progress
-    )
+    images = generate_images(policy, cfg.prompts, tastes, seeds, settings, cfg.batch_size, progress)
     return {t.label: images[i].flatten(0, 1) for i, t in enumerate(tastes)}
 
 
@@ -175,12 +174,16 @@ def _metrics_of(s: Scored, names: list[str]) -> dict:
     every = torch.cat(list(s.features.values()))
     m = {
         "tastes": list(s.images),
-        "reward_per_cluster": {n: s.for_cluster(s.learned, k, names).mean().item() for k, n in enumerate(names)},
+        "reward_per_cluster": {
+            n: s.for_cluster(s.learned, k, names).mean().item() for k, n in enumerate(names)
+        },
         "vendi": vendi_score(every),
         "mean_pairwise_distance": mean_pairwise_distance(every),
         "vendi_within_taste": {t: vendi_score(f) for t, f in s.features.items()},
-        "mean_pairwise_distance_within_taste": {t: mean_pairwise_distance(f) for t, f in s.features.items()},
-    }  # fmt: skip
+        "mean_pairwise_distance_within_taste": {
+            t: mean_pairwise_distance(f) for t, f in s.features.items()
+        },
+    }
     m["worst_cluster_reward"] = min(m["reward_per_cluster"].values())
     if s.matched:
         m["cross_taste_reward"] = [s.learned[t].mean(dim=0).tolist() for t in names]
@@ -196,7 +199,7 @@ def _metrics_of(s: Scored, names: list[str]) -> dict:
 
 @torch.no_grad()
 def policy_metrics(images: dict[str, torch.Tensor], rewards: TasteRewards, gold_fn=None) -> dict:
-    """Figures of one policy from its images per taste (see `generate`)."""
+    """Figures of one policy from its images per taste (see `generate_per_taste`)."""
     return _metrics_of(score_images(images, rewards, gold_fn), rewards.cluster_names)
 
 
@@ -260,22 +263,27 @@ def _first_seeds(n_prompts: int, n_seeds: int, n: int) -> list[int]:
     return [p * n_seeds + s for p in range(n_prompts) for s in range(min(n, n_seeds))]
 
 
+def _same_sampler(a: SamplerSettings, b: SamplerSettings) -> bool:
+    return a.sampling == b.sampling and a.negative_prompt == b.negative_prompt
+
+
 def overoptimisation_curve(
     base: str,
     series: list[tuple[int, Path]],
     rewards: TasteRewards,
     cfg: EvalConfig,
     gold_fn=None,
-    base_scored: Scored | None = None,
+    base_scored: tuple[Scored, SamplerSettings] | None = None,
     device="cpu",
     progress: bool = False,
 ) -> dict:
     """Proxy (learned-head) reward and gold utility per cluster at each checkpoint of one run.
 
-    Epoch 0 is the base model (a fresh LoRA and taste module leave it unchanged). Each
-    checkpoint generates `cfg.curve_images_per_prompt` images per prompt and taste, on the first
-    of the evaluation's seeds. Over-optimisation shows as the proxy still rising while gold
-    flattens or falls.
+    Epoch 0 is the base model (a fresh LoRA and taste module leave it unchanged), sampled as the
+    run was trained. Each checkpoint generates `cfg.curve_images_per_prompt` images per prompt
+    and taste, on the first of the evaluation's seeds. `base_scored`: the base model's images
+    from the evaluation and their sampler, reused when it is the run's. Over-optimisation shows
+    as the proxy still rising while gold flattens or falls.
     """
     names = rewards.cluster_names
     seeds = cfg.seeds[: cfg.curve_images_per_prompt]
@@ -290,20 +298,24 @@ def overoptimisation_curve(
             if gold_fn is not None:
                 curve["gold_per_cluster"][n].append(s.for_cluster(s.gold, k, names).mean().item())
 
-    if base_scored is not None:
-        add(0, base_scored.subset(_first_seeds(len(cfg.prompts), len(cfg.seeds), len(seeds))))
+    first = CheckpointInfo.read(series[0][1])
+    run_settings = resolve_settings(cfg.sampling, first.trained, f"checkpoint {first.path}")
+    if base_scored is not None and _same_sampler(base_scored[1], run_settings):
+        rows = _first_seeds(len(cfg.prompts), len(cfg.seeds), len(seeds))
+        add(0, base_scored[0].subset(rows))
     else:
-        add(0, score_images(generate(base, None, rewards, cfg, device, seeds), rewards, gold_fn))
+        base_policy = TastePolicy.from_pretrained(base, device=device)
+        images = generate_per_taste(base_policy, rewards, cfg, run_settings, seeds)
+        add(0, score_images(images, rewards, gold_fn))
+        del base_policy
     policy = None  # one pipeline for the whole run; each checkpoint swaps its weights in
     for epoch, path in tqdm(series, desc="checkpoints", disable=not progress, leave=False):
         if policy is None:
-            policy = load_policy(base, path, device=device)
+            policy = TastePolicy.from_pretrained(base, path, device=device)
         else:
-            swap_checkpoint(policy, path)
-        add(
-            epoch,
-            score_images(generate(policy, None, rewards, cfg, device, seeds), rewards, gold_fn),
-        )
+            policy.load_checkpoint(path)
+        images = generate_per_taste(policy, rewards, cfg, policy.settings(cfg.sampling), seeds)
+        add(epoch, score_images(images, rewards, gold_fn))
     return curve
 
 
@@ -342,7 +354,8 @@ def evaluate_policies(
 
     policies: name -> checkpoint dir (None = the base model). baseline: the policy every other
     is compared with per (prompt, seed). curves: name -> a training run's checkpoints folder, for
-    the over-optimisation curve of that policy.
+    the over-optimisation curve of that policy. Each policy samples as it was trained (unless
+    `cfg.sampling` overrides a value); the base model as the first trained policy.
     """
     policies = {"base": None, **policies}
     if baseline not in policies:
@@ -352,6 +365,13 @@ def evaluate_policies(
         )
     names = rewards.cluster_names
     series = {name: checkpoint_series(path) for name, path in (curves or {}).items()}
+    trained = [CheckpointInfo.read(p) for p in policies.values() if p is not None]
+    reference = trained[0] if trained else None
+    base_settings = resolve_settings(
+        cfg.sampling,
+        None if reference is None else reference.trained,
+        "default" if reference is None else f"checkpoint {reference.path}",
+    )
     metrics: dict = {
         "clusters": {
             "names": names,
@@ -360,9 +380,10 @@ def evaluate_policies(
         "eval": {
             "prompts": list(cfg.prompts),
             "seeds": cfg.seeds,
-            "steps": cfg.sampling.steps,
-            "guidance": cfg.sampling.guidance_scale,
-            "eta": cfg.sampling.eta,
+            "steps": base_settings.sampling.steps,
+            "guidance": base_settings.sampling.guidance_scale,
+            "eta": base_settings.sampling.eta,
+            "sampling": base_settings.describe(),
             "baseline": baseline,
             "gold": gold_fn is not None,
         },
@@ -372,10 +393,20 @@ def evaluate_policies(
     bar = tqdm(policies.items(), desc="policies", disable=not progress)
     for name, checkpoint in bar:
         bar.set_postfix(policy=name)
-        images = generate(base, checkpoint, rewards, cfg, device, progress=progress)
+        policy = TastePolicy.from_pretrained(base, checkpoint, device=device)
+        settings = base_settings if checkpoint is None else policy.settings(cfg.sampling)
+        if not _same_sampler(settings, base_settings):
+            warnings.warn(
+                f"policy {name!r} was trained with another sampler than {reference.path} "
+                f"({settings.describe()}); each policy samples as it was trained",
+                stacklevel=2,
+            )
+        images = generate_per_taste(policy, rewards, cfg, settings, progress=progress)
+        del policy
         scored[name] = score_images(images, rewards, gold_fn)
         metrics["policies"][name] = {
             "checkpoint": None if checkpoint is None else str(checkpoint),
+            "sampling": settings.describe(),
             **_metrics_of(scored[name], names),
         }
     for name, s in scored.items():
@@ -396,8 +427,9 @@ def evaluate_policies(
 
     if series:
         metrics["overoptimisation"] = {}
+        base_scored = (scored["base"], base_settings)
         for name, steps in series.items():
             metrics["overoptimisation"][name] = overoptimisation_curve(
-                base, steps, rewards, cfg, gold_fn, scored["base"], device, progress
+                base, steps, rewards, cfg, gold_fn, base_scored, device, progress
             )
     return metrics, {name: s.images for name, s in scored.items()}

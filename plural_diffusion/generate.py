@@ -13,6 +13,10 @@ DDIM step come from its own generator seeded with `seed`. The same seed under tw
 policies, therefore differs only by what the taste (or the policy) changed, and an image does not
 depend on which other images shared its batch (beyond float rounding: CPU kernels may sum in
 another order for another batch size).
+
+Images are sampled as the policy was trained (DDIM steps, guidance scale, eta and negative
+prompt from the checkpoint) unless a value is overridden; each PNG and the manifest say which
+values were used and where each came from.
 """
 
 from __future__ import annotations
@@ -27,12 +31,10 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from plural_diffusion.backbone import CHECKPOINT_JSON, TASTE_DIR, load_checkpoint, load_pipeline
-from plural_diffusion.conditioning import TasteConditioner
-from plural_diffusion.sampling import SamplingConfig, sample
+from plural_diffusion.policy import CheckpointInfo, SamplerSettings, SamplingOverrides, TastePolicy
 from plural_diffusion.visualize import save_grid
 from reward_models.errors import UserError
-from reward_models.io import atomic_path, read_json, write_json
+from reward_models.io import atomic_path, write_json
 
 TASTE_FORMS = "cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean"
 NULL_SPECS = ("mean", "null", "none")
@@ -45,79 +47,6 @@ class Taste:
     label: str  # "noir", "rater rater_007", "user my_ratings.csv", "mean"
     spec: str  # as given: "cluster:noir"
     z: torch.Tensor | None  # [d]; None = the null taste (no preference)
-
-
-@dataclass
-class Policy:
-    """A loaded policy: the pipeline (LoRA applied, if any) and its taste conditioner."""
-
-    pipe: object  # StableDiffusionPipeline
-    conditioner: TasteConditioner | None
-    base: str
-    checkpoint: Path | None  # None: the base model
-
-
-# --------------------------------------------------------------------------------- policies
-def policy_dir(path: str | Path) -> Path:
-    """The LoRA checkpoint directory a user named: a `policy/` dir, or a dir holding one
-    (a trainer's `checkpoints/epoch-0012`, a demo policy stage)."""
-    path = Path(path)
-    if (path / CHECKPOINT_JSON).is_file():
-        return path
-    if (path / "policy" / CHECKPOINT_JSON).is_file():
-        return path / "policy"
-    if not path.exists():
-        raise UserError(f"{path}: checkpoint directory not found")
-    raise UserError(
-        f"{path}: not a policy checkpoint (no {CHECKPOINT_JSON} in it or in policy/); point at "
-        "RUN/checkpoints/epoch-NNNN from `plural-diffusion train`"
-    )
-
-
-def _trainer_metadata(checkpoint: Path | None) -> dict:
-    """What the trainer stored in a checkpoint's checkpoint.json (config, taste space, ...)."""
-    if checkpoint is None:
-        return {}
-    meta = read_json(checkpoint / CHECKPOINT_JSON).get("metadata", {})
-    return meta if isinstance(meta, dict) else {}
-
-
-def checkpoint_config(checkpoint: Path | None) -> dict:
-    """The training config stored in a checkpoint (base, rewards, prompts, ...), or {}."""
-    return _trainer_metadata(checkpoint).get("config", {})
-
-
-def taste_space(checkpoint: Path | None) -> str:
-    """The taste space a checkpoint's conditioner reads ("rater" or "latent"; see TasteRewards)."""
-    return _trainer_metadata(checkpoint).get("taste_space", "rater")
-
-
-def load_policy(base: str, checkpoint: str | Path | None = None, device="cpu") -> Policy:
-    """The base pipeline with a trained checkpoint's LoRA and taste conditioner (if given)."""
-    policy = Policy(load_pipeline(base, device=device), None, str(base), None)
-    if checkpoint is not None:
-        swap_checkpoint(policy, checkpoint)
-    policy.pipe.unet.eval().requires_grad_(False)
-    return policy
-
-
-def swap_checkpoint(policy: Policy, checkpoint: str | Path) -> Policy:
-    """Load another checkpoint of the same kind (LoRA rank, taste module or not) into a loaded
-    policy, in place: a run's checkpoints one after another without reloading the pipeline."""
-    ckpt = policy_dir(checkpoint)
-    unet = policy.pipe.unet
-    _, conditioner = load_checkpoint(ckpt, unet)
-    if policy.checkpoint is not None and (conditioner is None) != (policy.conditioner is None):
-        raise UserError(
-            f"{ckpt}: taste-conditioned and taste-blind checkpoints cannot share a pipeline; "
-            "load it with load_policy"
-        )
-    if conditioner is not None:
-        conditioner = conditioner.to(unet.device).eval().requires_grad_(False)
-        conditioner.attach(unet)
-    unet.requires_grad_(False)
-    policy.conditioner, policy.checkpoint = conditioner, ckpt
-    return policy
 
 
 # --------------------------------------------------------------------------------- tastes
@@ -197,21 +126,27 @@ def interpolate(a: Taste, b: Taste, steps: int, null: torch.Tensor | None) -> li
     return out
 
 
-def check_tastes(
-    conditioner: TasteConditioner | None, checkpoint: Path | None, tastes: list[Taste]
-) -> None:
-    """A taste needs a taste-conditioned checkpoint whose z has the tastes' dimension."""
+def check_tastes(policy: TastePolicy | CheckpointInfo | None, tastes: list[Taste]) -> None:
+    """A taste needs a taste-conditioned policy whose z has the tastes' dimension (None: the
+    base model; a `CheckpointInfo` is checked before the pipeline is loaded)."""
     wanted = [t for t in tastes if t.z is not None]
     if not wanted:
         return
-    if conditioner is None:
+    if isinstance(policy, CheckpointInfo):
+        conditioned, checkpoint = policy.conditioned, policy.path
+    else:
+        conditioned = policy is not None and policy.conditioner is not None
+        checkpoint = None if policy is None else policy.checkpoint
+    if not conditioned:
         what = "the base model" if checkpoint is None else f"checkpoint {checkpoint}"
         raise UserError(
             f"{what} has no taste conditioner (a taste-blind policy), so it cannot generate for "
             f"taste {wanted[0].spec!r}; use --taste mean or a checkpoint trained with "
             "objective=matched"
         )
-    d = conditioner.config.taste_dim
+    if isinstance(policy, CheckpointInfo):
+        return
+    d = policy.conditioner.config.taste_dim
     if wanted[0].z.shape != (d,):
         raise UserError(
             f"taste {wanted[0].spec!r} has {wanted[0].z.numel()} dims but the checkpoint's "
@@ -222,23 +157,21 @@ def check_tastes(
 # --------------------------------------------------------------------------------- sampling
 @torch.no_grad()
 def generate_images(
-    policy: Policy,
+    policy: TastePolicy,
     prompts: list[str],
     tastes: list[Taste],
     seeds: list[int],
-    sampling: SamplingConfig,
+    settings: SamplerSettings,
     batch_size: int = 16,
     progress: bool = True,
 ) -> torch.Tensor:
-    """Images [T, P, S, 3, H, W] in [0, 1] for every (taste, prompt, seed)."""
+    """Images [T, P, S, 3, H, W] in [0, 1] for every (taste, prompt, seed), sampled with
+    `settings` (see `TastePolicy.settings`)."""
     if not prompts or not tastes or not seeds:
         raise UserError("need at least one prompt, one taste and one seed")
     if batch_size < 1:
         raise UserError(f"batch size {batch_size}: must be >= 1")
-    check_tastes(policy.conditioner, policy.checkpoint, tastes)
-    pipe, conditioner = policy.pipe, policy.conditioner
-    unet, device = pipe.unet, pipe.unet.device
-    latent_shape = (1, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    check_tastes(policy, tastes)
     rows = [
         (t, p, s)
         for p in range(len(prompts))
@@ -249,20 +182,14 @@ def generate_images(
     bar = tqdm(total=len(rows), unit="img", desc="generating", disable=not progress, leave=False)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        # one generator per image: its initial noise, then its DDIM step noise
-        gens = [torch.Generator().manual_seed(int(seeds[s])) for _, _, s in chunk]
-        noise = torch.cat([torch.randn(latent_shape, generator=g) for g in gens]).to(device)
-        embeds, negative = pipe.encode_prompt(
-            [prompts[p] for _, p, _ in chunk], device, 1, True, [""] * len(chunk)
+        traj = policy.sample(
+            prompts=[prompts[p] for _, p, _ in chunk],
+            tastes=policy.taste_batch([tastes[t].z for t, _, _ in chunk]),
+            # one generator per image: its initial noise, then its DDIM step noise
+            generator=[torch.Generator().manual_seed(int(seeds[s])) for _, _, s in chunk],
+            sampling=settings.sampling,
+            negative_prompt=settings.negative_prompt,
         )
-        z = None
-        if conditioner is not None:
-            null = conditioner.null.detach()
-            z = torch.stack(
-                [null if tastes[t].z is None else tastes[t].z.to(null) for t, _, _ in chunk]
-            )
-        traj = sample(unet, conditioner, pipe.vae, pipe.scheduler, embeds, negative, z, sampling,
-                      generator=gens, init_latents=noise)  # fmt: skip
         for i, row in enumerate(range(start, start + len(chunk))):
             out[row] = traj.images[i].cpu()
         bar.update(len(chunk))
@@ -296,25 +223,23 @@ def save_png(image: torch.Tensor, path: Path, text: dict[str, str]) -> None:
 
 def write_outputs(
     images: torch.Tensor,
-    policy: Policy,
+    policy: TastePolicy,
     prompts: list[str],
     tastes: list[Taste],
     seeds: list[int],
-    sampling: SamplingConfig,
+    settings: SamplerSettings,
     out_dir: str | Path,
 ) -> dict:
     """One PNG per (taste, prompt, seed), a labelled grid per prompt (rows tastes, columns
-    seeds) and manifest.json listing them; returns the manifest."""
+    seeds) and manifest.json listing them; returns the manifest. The sampler settings, and
+    whether each came from the checkpoint or the user, go into both."""
     out_dir = Path(out_dir)
     checkpoint = "none (base model)" if policy.checkpoint is None else str(policy.checkpoint)
+    sampler = settings.describe()
     manifest = {
         "base": policy.base,
         "checkpoint": checkpoint,
-        "sampling": {
-            "steps": sampling.steps,
-            "guidance": sampling.guidance_scale,
-            "eta": sampling.eta,
-        },
+        "sampling": sampler,
         "tastes": [
             {"label": t.label, "spec": t.spec, "z": None if t.z is None else t.z.tolist()}
             for t in tastes
@@ -325,23 +250,37 @@ def write_outputs(
         folder = out_dir / f"p{p}-{slug(prompt)}"
         files = []
         for t, taste in enumerate(tastes):
+            z = None if taste.z is None else [round(v, 6) for v in taste.z.tolist()]
             for s, seed in enumerate(seeds):
                 path = folder / f"t{t}-{slug(taste.label)}-seed{seed}.png"
-                save_png(images[t, p, s], path, {
-                    "prompt": prompt, "taste": taste.label, "taste_spec": taste.spec,
-                    "taste_vector": json.dumps(None if taste.z is None else [round(v, 6) for v in taste.z.tolist()]),
-                    "seed": seed, "checkpoint": checkpoint, "base": policy.base,
-                    "steps": sampling.steps, "guidance": sampling.guidance_scale, "eta": sampling.eta,
+                text = {
+                    "prompt": prompt,
+                    "taste": taste.label,
+                    "taste_spec": taste.spec,
+                    "taste_vector": json.dumps(z),
+                    "seed": seed,
+                    "checkpoint": checkpoint,
+                    "base": policy.base,
+                    "steps": sampler["steps"],
+                    "guidance": sampler["guidance"],
+                    "eta": sampler["eta"],
+                    "negative_prompt": sampler["negative_prompt"],
+                    "sampling_source": json.dumps(sampler["source"]),
                     "software": "plural-diffusion generate",
-                })  # fmt: skip
+                }
+                save_png(images[t, p, s], path, text)
                 files.append(
                     {"taste": taste.label, "seed": seed, "file": str(path.relative_to(out_dir))}
                 )
         grid = out_dir / f"grid-p{p}-{slug(prompt)}.png"
-        size = images.shape[-1]
-        save_grid(images[:, p], grid, row_labels=[t.label for t in tastes],
-                  col_labels=[f"seed {s}" for s in seeds], title=f"'{prompt}'",
-                  cell_inches=0.9 if size <= 64 else 1.6)  # fmt: skip
+        save_grid(
+            images[:, p],
+            grid,
+            row_labels=[t.label for t in tastes],
+            col_labels=[f"seed {s}" for s in seeds],
+            title=f"'{prompt}'",
+            cell_inches=0.9 if images.shape[-1] <= 64 else 1.6,
+        )
         manifest["prompts"].append({"prompt": prompt, "grid": grid.name, "images": files})
     write_json(out_dir / "manifest.json", manifest)
     return manifest
@@ -373,25 +312,27 @@ def run_generate(
     interpolate_steps: int,
     prompts: list[str],
     seeds: list[int],
-    sampling: SamplingConfig,
+    overrides: SamplingOverrides | None,
     out_dir: str | Path,
     batch_size: int = 16,
     device: str = "cpu",
     progress: bool = True,
 ) -> dict:
-    """What `plural-diffusion generate` does; base, rewards and prompts default to the ones the
-    checkpoint was trained with."""
+    """What `plural-diffusion generate` does. Base, rewards, prompts and the sampler (steps,
+    guidance, eta, negative prompt) default to the ones the checkpoint was trained with;
+    `overrides` replaces any of the sampler's values."""
     from plural_diffusion.rewards import TasteRewards
 
-    ckpt = policy_dir(checkpoint) if checkpoint is not None else None
-    trained = checkpoint_config(ckpt)
+    info = CheckpointInfo.read(checkpoint) if checkpoint is not None else None
+    trained = info.config if info is not None else {}
     base = base or trained.get("base")
     if not base:
         raise UserError("no base model: pass --base DIR_OR_HUB_ID")
     prompts = prompts or trained.get("prompts", [])[:2]
     if not prompts:
         raise UserError('no prompts: pass --prompt "..." (repeatable)')
-    conditioned = ckpt is not None and (ckpt / TASTE_DIR).is_dir()
+    conditioned = info is not None and info.conditioned
+    overrides = (overrides or SamplingOverrides()).check()  # fail before the slow loading
 
     specs = list(taste_specs) + [f"ratings:{r}" for r in ratings]
     # no taste named: every cluster for a taste-conditioned policy, the null taste otherwise
@@ -406,19 +347,21 @@ def run_generate(
             raise UserError("tastes other than 'mean' need the reward run: pass --rewards RUN_DIR")
         if not Path(rewards_dir).exists():
             raise UserError(f"{rewards_dir}: reward run not found; pass --rewards RUN_DIR")
-        rewards = TasteRewards(str(rewards_dir), device=device, space=taste_space(ckpt))
+        space = info.taste_space if info is not None else "rater"
+        rewards = TasteRewards(str(rewards_dir), device=device, space=space)
     if every_cluster:
         specs = [f"cluster:{name}" for name in rewards.cluster_names]
     # resolve (and reject unknown ids) before the slow part: loading the pipeline
     tastes = [resolve_taste(s, rewards) for s in specs]
     ends = [resolve_taste(s, rewards) for s in interpolate_pair or []]
     if not conditioned:
-        check_tastes(None, ckpt, tastes + ends)  # a taste-blind policy takes only 'mean'
+        check_tastes(info, tastes + ends)  # a taste-blind policy takes only 'mean'
 
-    policy = load_policy(base, ckpt, device=device)
+    policy = TastePolicy.from_pretrained(base, None if info is None else info.path, device=device)
     if ends:
         null = None if policy.conditioner is None else policy.conditioner.null.detach().cpu()
         tastes += interpolate(ends[0], ends[1], interpolate_steps, null)
 
-    images = generate_images(policy, prompts, tastes, seeds, sampling, batch_size, progress)
-    return write_outputs(images, policy, prompts, tastes, seeds, sampling, out_dir)
+    settings = policy.settings(overrides)
+    images = generate_images(policy, prompts, tastes, seeds, settings, batch_size, progress)
+    return write_outputs(images, policy, prompts, tastes, seeds, settings, out_dir)

@@ -158,11 +158,12 @@ def _headline_images(metrics: dict, images: dict, seeds: list[int]) -> str:
     prompt = metrics.get("eval", {}).get("prompts", ["?"])[0]
     png = grid_png(rows, labels, seeds, f"'{prompt}': same seeds in every column")
     return _figure(
-        png, f"{policy} and {baseline} images per cluster",
+        png,
+        f"{policy} and {baseline} images per cluster",
         f"The <b>{_e(baseline)}</b> policy's images and the <b>{_e(policy)}</b> policy's images for "
         "each cluster, from the same prompt and the same noise (same column = same seed): only the "
         "policy and the taste it was asked for differ.",
-    )  # fmt: skip
+    )
 
 
 def _summary(metrics: dict) -> str:
@@ -182,17 +183,25 @@ def _summary(metrics: dict) -> str:
         m = metrics["policies"][p]
         rows.append(
             [f'<span class="swatch" style="background:{colours[p]}"></span>{_e(p)}']
-            + [_fmt(m[key][n]) for n in names] + [_fmt(m[worst]), f"{m['vendi']:.2f}"]
-        )  # fmt: skip
-        classes.append([""] + ["best" if m[key][n] == best[n] else "" for n in names]
-                       + ["best" if m[worst] == best_worst else "", ""])  # fmt: skip
+            + [_fmt(m[key][n]) for n in names]
+            + [_fmt(m[worst]), f"{m['vendi']:.2f}"]
+        )
+        classes.append(
+            [""]
+            + ["best" if m[key][n] == best[n] else "" for n in names]
+            + ["best" if m[worst] == best_worst else "", ""]
+        )
     caption = (
         f"Mean {words} of the images each policy made for each cluster (a taste-blind policy's "
         "images are the same for every cluster). Bold: the best policy per column. "
-        + ("Gold utility is the toy world's ground truth, in (0, 1]; training only saw the "
-           "learned heads." if key == "gold_per_cluster" else "No gold utilities are known here, "
-           "so these are the learned heads' scores, the proxy the policies were trained on.")
-    )  # fmt: skip
+        + (
+            "Gold utility is the toy world's ground truth, in (0, 1]; training only saw the "
+            "learned heads."
+            if key == "gold_per_cluster"
+            else "No gold utilities are known here, "
+            "so these are the learned heads' scores, the proxy the policies were trained on."
+        )
+    )
     return f"<h2 id='summary'>Summary</h2>{_table(header, rows, classes)}<p class='caption'>{caption}</p>"
 
 
@@ -213,12 +222,19 @@ def _cross_taste(metrics: dict) -> str:
         verdict = ""
         if dominance is not None:
             won = sum(dominance["by_column"])
-            verdict = (f" In {won} of {len(names)} columns the images made for that cluster are the "
-                       "ones it likes best (diagonal dominance).")  # fmt: skip
-        out.append(_figure(png, f"cross-taste matrix of {p}",
-            f"<b>{_e(p)}</b>: {label} of the images generated for each cluster (rows) as judged by "
-            f"every cluster (columns). A policy that listens to the taste it is asked for is bright "
-            f"on the diagonal.{verdict}"))  # fmt: skip
+            verdict = (
+                f" In {won} of {len(names)} columns the images made for that cluster are the "
+                "ones it likes best (diagonal dominance)."
+            )
+        out.append(
+            _figure(
+                png,
+                f"cross-taste matrix of {p}",
+                f"<b>{_e(p)}</b>: {label} of the images generated for each cluster (rows) as judged by "
+                f"every cluster (columns). A policy that listens to the taste it is asked for is bright "
+                f"on the diagonal.{verdict}",
+            )
+        )
     if not out:
         return ""
     return "<h2 id='cross-taste'>Who is each image for? The cross-taste matrix</h2>" + "".join(out)
@@ -249,13 +265,18 @@ def _win_rates(metrics: dict) -> str:
     table = _table(["policy"] + [_e(n) for n in names], rows)
     return (
         f"<h2 id='win-rates'>Win rate against {_e(baseline)}, per cluster</h2>"
-        + _figure(png, "win rates", (
-            f"For each cluster k and each prompt and seed: does the policy's image for k have a "
-            f"higher {kind} utility for k than the <b>{_e(baseline)}</b> policy's image from the same "
-            "prompt and noise? Differences under 0.005 count as ties, a tie as one half; 0.5 (dashed) "
-            "is no better than the baseline."))
+        + _figure(
+            png,
+            "win rates",
+            (
+                f"For each cluster k and each prompt and seed: does the policy's image for k have a "
+                f"higher {kind} utility for k than the <b>{_e(baseline)}</b> policy's image from the same "
+                "prompt and noise? Differences under 0.005 count as ties, a tie as one half; 0.5 (dashed) "
+                "is no better than the baseline."
+            ),
+        )
         + table
-    )  # fmt: skip
+    )
 
 
 def _diversity(metrics: dict) -> str:
@@ -272,12 +293,17 @@ def _diversity(metrics: dict) -> str:
     table = _table(header, rows, classes)
     return (
         "<h2 id='diversity'>Diversity</h2>"
-        + _figure(png, "diversity", (
-            "Across all of a policy's images: the Vendi score (1 = every image alike; N = all "
-            "distinct) and the mean pairwise cosine distance of their CLIP features. Collapse to one "
-            "look shows as a Vendi near 1. The table gives the same within each taste."))
+        + _figure(
+            png,
+            "diversity",
+            (
+                "Across all of a policy's images: the Vendi score (1 = every image alike; N = all "
+                "distinct) and the mean pairwise cosine distance of their CLIP features. Collapse to one "
+                "look shows as a Vendi near 1. The table gives the same within each taste."
+            ),
+        )
         + table
-    )  # fmt: skip
+    )
 
 
 def _overoptimisation(metrics: dict) -> str:
@@ -289,13 +315,24 @@ def _overoptimisation(metrics: dict) -> str:
     for policy, curve in curves.items():
         png = fig_overoptimisation(curve, names, policy)
         gold = "gold_per_cluster" in curve
-        out.append(_figure(png, f"over-optimisation curve of {policy}", (
-            f"<b>{_e(policy)}</b> at each saved training checkpoint (epoch 0 = the base model), "
-            f"{curve['n_seeds']} seed(s) per prompt and taste: the learned head's reward it was "
-            "trained on (top)" + (" and the gold utility it never saw (bottom). Where the proxy "
-            "keeps rising while gold stalls or falls, the policy is exploiting the head rather "
-            "than pleasing the cluster." if gold else ".")))
-        )  # fmt: skip
+        out.append(
+            _figure(
+                png,
+                f"over-optimisation curve of {policy}",
+                (
+                    f"<b>{_e(policy)}</b> at each saved training checkpoint (epoch 0 = the base model), "
+                    f"{curve['n_seeds']} seed(s) per prompt and taste: the learned head's reward it was "
+                    "trained on (top)"
+                    + (
+                        " and the gold utility it never saw (bottom). Where the proxy "
+                        "keeps rising while gold stalls or falls, the policy is exploiting the head rather "
+                        "than pleasing the cluster."
+                        if gold
+                        else "."
+                    )
+                ),
+            )
+        )
     return "".join(out)
 
 
@@ -307,9 +344,16 @@ def _image_grids(metrics: dict, images: dict, seeds: list[int], prompts: list[st
     for p, prompt in enumerate(prompts):
         rows, labels = _policy_rows(images, list(images), clusters, p * len(seeds), len(seeds))
         png = grid_png(rows, labels, seeds, f"'{prompt}'")
-        out.append(_figure(png, f"images for '{prompt}'", (
-            "Rows: each policy, once per taste it was asked for (a taste-blind policy once); "
-            "columns: seeds, the same initial noise for every row.")))  # fmt: skip
+        out.append(
+            _figure(
+                png,
+                f"images for '{prompt}'",
+                (
+                    "Rows: each policy, once per taste it was asked for (a taste-blind policy once); "
+                    "columns: seeds, the same initial noise for every row."
+                ),
+            )
+        )
     return "".join(out)
 
 
@@ -348,10 +392,11 @@ def build_report(metrics: dict, images: dict | None = None, title: str | None = 
     h1 = f"{head['policy'].capitalize()} vs {head['baseline']}, per cluster"
     title = title or f"plural-diffusion report: {h1}"
     settings = (
-        f"{len(prompts)} prompt(s): " + ", ".join(f"<code>{_e(p)}</code>" for p in prompts)
+        f"{len(prompts)} prompt(s): "
+        + ", ".join(f"<code>{_e(p)}</code>" for p in prompts)
         + f"; seeds {_e(', '.join(map(str, seeds)))}; {ev.get('steps', '?')} DDIM steps, "
         f"guidance {ev.get('guidance', '?')}, eta {ev.get('eta', '?')}."
-    )  # fmt: skip
+    )
     key, _, words = _utility_key(metrics)
     ylabel = "gold utility (0..1)" if key == "gold_per_cluster" else "learned reward"
     parts = [
@@ -364,10 +409,13 @@ def build_report(metrics: dict, images: dict | None = None, title: str | None = 
         _headline_images(metrics, images, seeds),
         _summary(metrics),
         f"<h2 id='per-cluster'>{words.capitalize()} per cluster</h2>",
-        _figure(fig_cluster_bars(metrics, key, ylabel), f"{words} per cluster",
-                f"Mean {words} of each policy's images, one group of bars per taste cluster. A policy "
-                "fit to the mean reward tends to serve the majority; one that serves plural taste "
-                "keeps every group high."),
+        _figure(
+            fig_cluster_bars(metrics, key, ylabel),
+            f"{words} per cluster",
+            f"Mean {words} of each policy's images, one group of bars per taste cluster. A policy "
+            "fit to the mean reward tends to serve the majority; one that serves plural taste "
+            "keeps every group high.",
+        ),
         _win_rates(metrics),
         _cross_taste(metrics),
         _diversity(metrics),
@@ -377,7 +425,7 @@ def build_report(metrics: dict, images: dict | None = None, title: str | None = 
         f"<footer>{settings} Generated {datetime.datetime.now():%Y-%m-%d %H:%M}. "
         "Numbers are in metrics.json beside this file.</footer>",
         "</main></body></html>",
-    ]  # fmt: skip
+    ]
     return "\n".join(p for p in parts if p)
 
 

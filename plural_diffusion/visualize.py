@@ -163,8 +163,16 @@ def fig_cross_taste(matrix: list[list[float]], names: list[str], label: str) -> 
     for i in range(len(names)):
         for j in range(len(names)):
             bright = m[i, j] > (m.min() + m.max()) / 2
-            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=9,
-                    color="white" if bright else "#111827", fontweight="bold" if i == j else "normal")  # fmt: skip
+            ax.text(
+                j,
+                i,
+                f"{m[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if bright else "#111827",
+                fontweight="bold" if i == j else "normal",
+            )
     ax.set_xticks(range(len(names)), names)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("scored by (cluster's utility)")
@@ -200,9 +208,12 @@ def fig_overoptimisation(curve: dict, names: list[str], policy: str) -> bytes:
     if "gold_per_cluster" in curve:
         rows.append(("gold_per_cluster", "gold utility", "#059669", "s--"))
     fig, axes = plt.subplots(
-        len(rows), len(names), figsize=(1.0 + 2.7 * len(names), 0.6 + 2.0 * len(rows)),
-        squeeze=False, sharex=True,
-    )  # fmt: skip
+        len(rows),
+        len(names),
+        figsize=(1.0 + 2.7 * len(names), 0.6 + 2.0 * len(rows)),
+        squeeze=False,
+        sharex=True,
+    )
     epochs = curve["epochs"]
     for r, (key, label, colour, style) in enumerate(rows):
         for k, name in enumerate(names):
@@ -227,6 +238,11 @@ def grid_png(rows: list[torch.Tensor], labels: list[str], seeds: list[int], titl
     n = min(min(r.shape[0] for r in rows), 8)
     stacked = torch.stack([r[:n] for r in rows])  # [R, n, 3, H, W]
     size = stacked.shape[-1]
-    fig = grid_figure(stacked, labels, [f"seed {s}" for s in seeds[:n]], title,
-                      cell_inches=0.85 if size <= 64 else 1.5)  # fmt: skip
+    fig = grid_figure(
+        stacked,
+        labels,
+        [f"seed {s}" for s in seeds[:n]],
+        title,
+        cell_inches=0.85 if size <= 64 else 1.5,
+    )
     return figure_png(fig, dpi=100)

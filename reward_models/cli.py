@@ -119,9 +119,13 @@ def format_metrics(metrics: dict) -> str:
         for head, m in heads.items():
             per = m[grouping]["per_group"]
             row = "".join(f"{per[g]['pairwise_accuracy']:>12.3f}" for g in groups)
-            lines.append(f"{head:<8}" + row + f"{m[grouping]['worst_group']['pairwise_accuracy']:>10.3f}")
+            lines.append(
+                f"{head:<8}" + row + f"{m[grouping]['worst_group']['pairwise_accuracy']:>10.3f}"
+            )
     if "cluster_ari_vs_known_groups" in metrics:
-        lines.append(f"discovered clusters vs known groups: ARI {metrics['cluster_ari_vs_known_groups']:.3f}")
+        lines.append(
+            f"discovered clusters vs known groups: ARI {metrics['cluster_ari_vs_known_groups']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -171,7 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="held-out metrics of a trained run, written as JSON")
     ev.add_argument("--run", type=Path, required=True, help="directory written by `train`")
-    ev.add_argument("--out", type=Path, default=None, help="metrics file (default RUN/metrics.json)")
+    ev.add_argument(
+        "--out", type=Path, default=None, help="metrics file (default RUN/metrics.json)"
+    )
     ev.set_defaults(func=cmd_eval)
 
     so = sub.add_parser(

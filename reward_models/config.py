@@ -4,7 +4,7 @@ Every hyper-parameter lives in one dataclass with its default; a YAML file and t
 change fields that exist, with values of the field's type. Anything else is a `UserError` that
 names the key:
 
-    cfg = load_config(TrainConfig, "configs/toy.yaml", ["optim.lr=3e-4", "epochs=5"])
+    cfg = load_config(TrainConfig, "experiment.yaml", ["optim.lr=3e-4", "epochs=5"])
 """
 
 from __future__ import annotations

@@ -12,15 +12,14 @@ built from a config dataclass that names the `kind` and the sizes (open_clip sty
     save_head(head, "runs/heads/rater")        # head_config.json + head.safetensors, atomically
     head = load_head("runs/heads/rater", feature_dim=768)
 
-A new kind of head registers its class in `HEAD_KINDS` (see `register_head`) and is then built,
-saved and loaded by the same three functions; a kind defined in `reward_models.<kind>` is
-imported on demand (`head_class`).
+A new kind of head registers its class in `HEAD_KINDS` with the `register_head` decorator and is
+then built, saved and loaded by the same three functions. This module imports no other head
+module: the research heads (`reward_models.research`: latent, mdn) register themselves when that
+package is imported, as `reward_models.workflow` does.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
@@ -120,6 +119,13 @@ class RewardHead(nn.Module):
 
 
 HEAD_KINDS: dict[str, type[RewardHead]] = {}
+
+
+def _known_kinds() -> str:
+    return (
+        f"known: {', '.join(sorted(HEAD_KINDS))}; the research heads (latent, mdn) register "
+        "when reward_models.research is imported"
+    )
 
 
 def register_head(cls: type[RewardHead]) -> type[RewardHead]:
@@ -226,8 +232,7 @@ class RaterHead(RewardHead):
     How z enters was chosen by measurement on the synthetic +w.x / -w.x world of test_heads.py
     and on a bump-utility variant of it (3 seeds each, taste_dim 4, hidden (64, 32), 1 CPU
     thread): the worst group's pairwise accuracy was equal within noise for all three forms
-    (0.98 on the linear world; 0.92-0.95 on the bump world); FiLM trained fastest (2.4 s and
-    4.5 s per fit, against 3.0 s and 9.0 s for concat, 3.1 s and 4.1 s for bilinear) and its
+    (0.98 on the linear world; 0.92-0.95 on the bump world); FiLM trained fastest and its
     tastes clustered most cleanly (BIC chose the true K in 5 of 6 runs, 3 of 6 for the others).
     """
 
@@ -316,26 +321,11 @@ class RaterHead(RewardHead):
         return rater
 
 
-def head_class(kind: str) -> type[RewardHead] | None:
-    """The class registered for `kind`, importing `reward_models.<kind>` on first use.
-
-    Kinds defined outside this file (latent, mdn, ...) live in the module of that name and
-    register themselves on import, so a saved head loads without the caller importing it.
-    """
-    if kind not in HEAD_KINDS and kind.isidentifier():
-        module = f"reward_models.{kind}"
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-    return HEAD_KINDS.get(kind)
-
-
 def build_head(config: HeadConfig) -> RewardHead:
     """The head named by `config.kind`, freshly initialised."""
-    cls = head_class(config.kind)
+    cls = HEAD_KINDS.get(config.kind)
     if cls is None:
-        raise UserError(
-            f"unknown head kind {config.kind!r} (known: {', '.join(sorted(HEAD_KINDS))})"
-        )
+        raise UserError(f"unknown head kind {config.kind!r} ({_known_kinds()})")
     assert isinstance(config, cls.config_class), f"{type(config).__name__} for kind {config.kind}"
     hidden = getattr(config, "hidden_dims", ())
     if config.feature_dim < 1 or any(h < 1 for h in hidden):
@@ -382,11 +372,8 @@ def load_head(directory: str | Path, feature_dim: int | None = None) -> RewardHe
     directory = Path(directory)
     data = dict(_read_record(directory)["config"])
     kind = data.get("kind")
-    if not isinstance(kind, str) or head_class(kind) is None:
-        raise UserError(
-            f"{directory / CONFIG_NAME}: unknown head kind {kind!r} "
-            f"(known: {', '.join(sorted(HEAD_KINDS))})"
-        )
+    if not isinstance(kind, str) or kind not in HEAD_KINDS:
+        raise UserError(f"{directory / CONFIG_NAME}: unknown head kind {kind!r} ({_known_kinds()})")
     config = from_dict(HEAD_KINDS[kind].config_class, data)
     if feature_dim is not None and feature_dim != config.feature_dim:
         raise UserError(

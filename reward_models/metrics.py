@@ -6,13 +6,15 @@ head that serves the majority and fails a minority shows it in one number.
 
     report = by_rater(pred, gold, rater, rater_cluster)   # pred, gold, rater [N]; rater_cluster [R]
     report.per_cluster, report.worst_cluster, report.worst_value
+
+`reward_models.workflow.evaluate` reports every head through `by_rater`.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,10 +27,14 @@ ArrayLike = torch.Tensor | np.ndarray | list
 Metric = Callable[[ArrayLike, ArrayLike], float]
 
 
+def _vector(x: ArrayLike) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        x = torch.from_numpy(np.array(x, dtype=np.float64))  # a copy: x may be read-only
+    return x.detach().double().cpu().reshape(-1)
+
+
 def _vectors(pred: ArrayLike, target: ArrayLike) -> tuple[torch.Tensor, torch.Tensor]:
-    pred = torch.as_tensor(np.asarray(pred) if isinstance(pred, list) else pred).detach()
-    target = torch.as_tensor(np.asarray(target) if isinstance(target, list) else target).detach()
-    pred, target = pred.double().cpu().reshape(-1), target.double().cpu().reshape(-1)
+    pred, target = _vector(pred), _vector(target)
     assert pred.shape == target.shape, f"pred {tuple(pred.shape)} vs target {tuple(target.shape)}"
     return pred, target
 
@@ -80,17 +86,32 @@ def per_rater(
     return {int(r): metric(pred[rater == r], target[rater == r]) for r in rater.unique()}
 
 
-def group_mean(values: Mapping[int, float], group_of: ArrayLike) -> dict[int, float]:
-    """Mean of per-rater `values` within each group; group_of [R] maps rater -> group. NaNs skipped."""
-    group_of = np.asarray(group_of).reshape(-1)
-    groups: dict[int, list[float]] = {}
+def group_mean(
+    values: Mapping[int, float], group_of: Mapping[int, Hashable] | ArrayLike
+) -> dict[Hashable, float]:
+    """Mean of per-rater `values` within each group, groups in sorted order, NaNs skipped.
+
+    group_of maps rater -> group: an array [R] of cluster indices, or a mapping to any sortable
+    group key (a known group's name)."""
+    groups = _groups(values, group_of)
+    return {k: float(np.mean(vs)) for k, vs in groups.items()}
+
+
+def _groups(
+    values: Mapping[int, float], group_of: Mapping[int, Hashable] | ArrayLike
+) -> dict[Hashable, list[float]]:
+    """{group: [finite values of its raters]}, groups sorted, raters in `values` order."""
+    if not isinstance(group_of, Mapping):
+        array = np.asarray(group_of).reshape(-1)
+        group_of = {r: int(array[r]) for r in values}
+    groups: dict[Hashable, list[float]] = {}
     for r, v in values.items():
         if not math.isnan(v):
-            groups.setdefault(int(group_of[r]), []).append(v)
-    return {k: float(np.mean(vs)) for k, vs in sorted(groups.items())}
+            groups.setdefault(group_of[r], []).append(v)
+    return dict(sorted(groups.items()))
 
 
-def worst(values: Mapping[int, float]) -> tuple[int, float]:
+def worst(values: Mapping[Hashable, float]) -> tuple[Hashable, float]:
     """The (key, value) with the lowest value, NaNs skipped: the worst-served cluster."""
     finite = {k: v for k, v in values.items() if not math.isnan(v)}
     if not finite:
@@ -101,28 +122,34 @@ def worst(values: Mapping[int, float]) -> tuple[int, float]:
 
 @dataclass
 class RaterReport:
-    """A metric per rater, averaged per cluster, and the worst cluster's figure."""
+    """A metric per rater, averaged per cluster, and the worst cluster's figure. Raters whose
+    metric is NaN (nothing to rank) are left out of every aggregate."""
 
     per_rater: dict[int, float]
-    per_cluster: dict[int, float]
+    per_cluster: dict[Hashable, float]
     mean: float  # over raters
-    worst_cluster: int
+    worst_cluster: Hashable
     worst_value: float
+    raters_per_cluster: dict[Hashable, int]  # raters counted in each cluster's mean
 
 
 def by_rater(
     pred: ArrayLike,
     target: ArrayLike,
     rater: ArrayLike,
-    rater_cluster: ArrayLike,
+    rater_cluster: Mapping[int, Hashable] | ArrayLike,
     metric: Metric = pairwise_accuracy,
 ) -> RaterReport:
     """`metric` per rater (pred for that rater vs its target), per cluster, and worst cluster.
 
-    pred, target, rater [N] (row i: image scored for rater[i]); rater_cluster [R] long.
+    pred, target, rater [N] (row i: image scored for rater[i]); rater_cluster: [R] cluster
+    indices, or a mapping rater -> group (see `group_mean`).
     """
     values = per_rater(metric, pred, target, rater)
-    clusters = group_mean(values, rater_cluster)
+    groups = _groups(values, rater_cluster)
+    clusters = {k: float(np.mean(vs)) for k, vs in groups.items()}
     finite = [v for v in values.values() if not math.isnan(v)]
     key, value = worst(clusters)
-    return RaterReport(values, clusters, float(np.mean(finite)) if finite else math.nan, key, value)
+    mean = float(np.mean(finite)) if finite else math.nan
+    counts = {k: len(vs) for k, vs in groups.items()}
+    return RaterReport(values, clusters, mean, key, value, counts)

@@ -280,7 +280,7 @@ def taste_from_ratings(
 def latent_taste_from_ratings(run, path: str | Path, encoder):
     """A new user's taste posterior (mean, var [1, d]) from their ratings file under the run's
     latent head: one pass of its encoder, no fitting (for policies trained on latent tastes)."""
-    from reward_models.latent import Context
+    from reward_models.research.latent import Context
 
     if run.latent is None:
         raise UserError("this reward run has no latent head; retrain it with latent.enabled=true")

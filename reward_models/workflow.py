@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
 from reward_models.clusters import ClusterConfig, TasteClusters, fit_clusters
@@ -41,8 +41,14 @@ from reward_models.heads import (
     save_head,
 )
 from reward_models.io import load_tensors, read_json, save_tensors, write_json
-from reward_models.latent import LatentHead, LatentHeadConfig, TastePosterior
-from reward_models.latent_fit import LatentTrainConfig, fit_latent, group_by_user, user_examples
+from reward_models.metrics import adjusted_rand_index, by_rater, pairwise_accuracy, spearman
+from reward_models.research.latent import LatentHead, LatentHeadConfig, TastePosterior
+from reward_models.research.latent_fit import (
+    LatentTrainConfig,
+    fit_latent,
+    group_by_user,
+    user_examples,
+)
 from reward_models.train import PairSet, ScoreSet, TrainHeadConfig, fit_head
 
 log = logging.getLogger(__name__)
@@ -264,8 +270,13 @@ def _bootstrap(scores: ScoreSet | None, pairs: PairSet | None, seed: int):
         scores = ScoreSet(features, scores.rater[rows], scores.score[rows], item)
     if pairs is not None:
         rows = resample(len(pairs.winner))
-        pairs = PairSet(pairs.features, pairs.idx_a[rows], pairs.idx_b[rows], pairs.rater[rows],
-                        pairs.winner[rows])  # fmt: skip
+        pairs = PairSet(
+            pairs.features,
+            pairs.idx_a[rows],
+            pairs.idx_b[rows],
+            pairs.rater[rows],
+            pairs.winner[rows],
+        )
     return scores, pairs
 
 
@@ -320,33 +331,23 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     return TrainedRun(cfg, mean.eval(), rater.eval(), clusters, ids, ensemble, latent, posteriors)
 
 
-def _per_rater_ranking(pred, target, rater) -> dict[int, tuple[float, float]]:
-    from reward_models.metrics import pairwise_accuracy, spearman
-
-    out = {}
-    for r in np.unique(rater):
-        m = rater == r
-        if m.sum() >= 2 and len(np.unique(target[m])) > 1:
-            out[int(r)] = (pairwise_accuracy(pred[m], target[m]), spearman(pred[m], target[m]))
-    return out
-
-
-def _summarise(per_rater: dict[int, tuple[float, float]], group_of: dict[int, str]) -> dict:
-    groups: dict[str, list[tuple[float, float]]] = {}
-    for r, v in per_rater.items():
-        groups.setdefault(group_of[r], []).append(v)
+def _summarise(pred, target, rater, group_of: dict[int, str]) -> dict:
+    """Pairwise accuracy and Spearman of one head per rater, per group and the worst group
+    (by accuracy); raters with nothing to rank are left out."""
+    accuracy = by_rater(pred, target, rater, group_of, pairwise_accuracy)
+    rho = by_rater(pred, target, rater, group_of, spearman)
     per_group = {
         g: {
-            "pairwise_accuracy": float(np.mean([a for a, _ in vs])),
-            "spearman": float(np.nanmean([s for _, s in vs])),
-            "raters": len(vs),
+            "pairwise_accuracy": value,
+            "spearman": rho.per_cluster.get(g, math.nan),
+            "raters": accuracy.raters_per_cluster[g],
         }
-        for g, vs in sorted(groups.items())
+        for g, value in accuracy.per_cluster.items()
     }
-    worst = min(per_group, key=lambda g: per_group[g]["pairwise_accuracy"])
+    worst = accuracy.worst_cluster
     return {
-        "pairwise_accuracy": float(np.mean([a for a, _ in per_rater.values()])),
-        "spearman": float(np.nanmean([s for _, s in per_rater.values()])),
+        "pairwise_accuracy": accuracy.mean,
+        "spearman": rho.mean,
         "per_group": per_group,
         "worst_group": {"name": worst, **per_group[worst]},
     }
@@ -380,13 +381,11 @@ def evaluate(run_dir: str | Path) -> dict:
         groupings["known_group"] = {i: known[r] for r, i in index.items()}
     metrics: dict = {"n_test_scores": int(len(df)), "heads": {}}
     for head, pred in preds.items():
-        per_rater = _per_rater_ranking(pred, target, rater.numpy())
         metrics["heads"][head] = {
-            name: _summarise(per_rater, group_of) for name, group_of in groupings.items()
+            name: _summarise(pred, target, rater.numpy(), group_of)
+            for name, group_of in groupings.items()
         }
     if known is not None:
-        from reward_models.metrics import adjusted_rand_index
-
         gold = [known[r] for r in run.rater_ids]
         metrics["cluster_ari_vs_known_groups"] = adjusted_rand_index(labels, gold)
     metrics["clusters"] = {"names": run.clusters.names, "shares": run.clusters.shares.tolist()}

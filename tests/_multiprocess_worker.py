@@ -11,8 +11,8 @@ import sys
 
 import torch
 
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import CONFIGS
 from plural_diffusion.train_config import TrainConfig
 from reward_models.config import load_config
 from reward_models.errors import UserError

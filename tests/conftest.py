@@ -1,7 +1,7 @@
 """Suite-wide settings: one torch thread and a private stage cache.
 
 The test models are tiny, so per-op overhead dominates and a second thread mostly adds OpenMP
-barrier waits (measured 3x slower on a busy 2-core machine). The cache variable keeps tests from
+barrier waits. The cache variable keeps tests from
 reading or writing the user's ~/.cache/plural-diffusion.
 """
 
@@ -23,7 +23,8 @@ def _one_thread_and_private_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fast_demo_config():
     """The `demo --fast` config: tiny toy stages that every end-to-end test shares (cached)."""
-    from plural_diffusion.demo import CONFIGS, DemoConfig
+    from plural_diffusion.configs import CONFIGS
+    from plural_diffusion.demo import DemoConfig
     from reward_models.config import load_config
 
     return load_config(DemoConfig, CONFIGS / "demo-fast.yaml")

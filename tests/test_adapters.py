@@ -182,9 +182,15 @@ def test_lapis_keeps_demographics_as_rater_metadata_on_a_0_to_100_scale(tmp_path
     assert table.rater_ids == ["101", "202"]
     np.testing.assert_array_equal(table.scores, [73, 12, 100])
     assert set(table.meta_columns) == {
-        "age", "gender", "nationality", "demo_gender", "demo_edu", "demo_colorblind", "VAIAK1",
+        "age",
+        "gender",
+        "nationality",
+        "demo_gender",
+        "demo_edu",
+        "demo_colorblind",
+        "VAIAK1",
         "2VAIAK1",
-    }  # fmt: skip
+    }
     assert "image_id" not in table.meta_columns  # an image attribute, not the rater's
     meta = table.rater_metadata()
     assert meta.loc["202", "nationality"] == "Dutch" and meta.loc["202", "gender"] == "male"
@@ -259,14 +265,16 @@ def test_pickapic_caches_inline_images_by_content_hash_and_keeps_ties(tmp_path):
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"label_0": float("nan"), "label_1": float("nan")},
-         r"row 2: label_0 empty and label_1 empty are not a choice; expected 1 and 0"),
+        (
+            {"label_0": float("nan"), "label_1": float("nan")},
+            r"row 2: label_0 empty and label_1 empty are not a choice; expected 1 and 0",
+        ),
         ({"label_0": 1.0, "label_1": 1.0}, r"row 2: label_0 1 and label_1 1 are not a choice"),
         ({"jpg_1": b""}, r"row 2: empty jpg_1; a choice needs two images"),
         ({"user_id": None}, r"row 2: empty user_id"),
         ({"jpg_1": "same"}, r"row 2: jpg_0 and jpg_1 hold the same image"),
     ],
-)  # fmt: skip
+)
 def test_pickapic_bad_rows_are_named_in_the_shards_own_columns(tmp_path, row, message):
     shard = tmp_path / "train-00000-of-00001.parquet"
     pickapic_shard(shard)
@@ -296,13 +304,25 @@ def write_hpdv2(root: Path, path_key: str = "file_path") -> Path:
     for i in range(5):
         save_jpeg(root / "train" / f"{i:08d}.jpg", (50 * i, 50, 50))
     records = [
-        {"user_hash": "9f2c", "prompt": "a cat", path_key: ["00000000.jpg", "00000001.jpg"],
-         "human_preference": [0, 1]},
-        {"user_hash": "9f2c", "prompt": "a dog", path_key: ["00000002.jpg", "00000003.jpg",
-         "00000004.jpg"], "human_preference": [0, 1, 0]},
-        {"user_hash": "77ab", "prompt": "a bird", path_key: ["00000000.jpg", "00000004.jpg"],
-         "human_preference": [1, 1]},
-    ]  # fmt: skip
+        {
+            "user_hash": "9f2c",
+            "prompt": "a cat",
+            path_key: ["00000000.jpg", "00000001.jpg"],
+            "human_preference": [0, 1],
+        },
+        {
+            "user_hash": "9f2c",
+            "prompt": "a dog",
+            path_key: ["00000002.jpg", "00000003.jpg", "00000004.jpg"],
+            "human_preference": [0, 1, 0],
+        },
+        {
+            "user_hash": "77ab",
+            "prompt": "a bird",
+            path_key: ["00000000.jpg", "00000004.jpg"],
+            "human_preference": [1, 1],
+        },
+    ]
     path = root / "train.json"
     path.write_text(json.dumps(records))
     return path

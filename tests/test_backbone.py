@@ -55,15 +55,25 @@ def base_dir(tmp_path_factory):
     )
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=8,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
         )
-    )  # fmt: skip
+    )
     scheduler = DDIMScheduler(
-        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-    )  # fmt: skip
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

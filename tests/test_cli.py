@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -56,23 +57,31 @@ def test_config_command_prints_the_resolved_config(capsys):
     assert "epochs: 7" in out.out and "rank: 2" in out.out
 
 
-def test_console_scripts_are_installed():
-    for script in ("plural-diffusion", "reward-models"):
-        done = subprocess.run(
-            [sys.executable, "-m", script.replace("-", "_") + ".cli", "--help"],
-            capture_output=True,
-            text=True,
-        )
-        assert done.returncode == 0 and "usage:" in done.stdout
+@pytest.mark.parametrize("script", ["plural-diffusion", "reward-models"])
+def test_console_scripts_are_installed(script):
+    # the entry point pip installed beside this interpreter, not `python -m`
+    path = Path(sys.executable).parent / script
+    assert path.is_file(), f"{path} missing: install the package (pip install -e .)"
+    done = subprocess.run([str(path), "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"usage: {script} ")
 
 
 def test_toy_world_command_writes_tables(tmp_path, capsys):
     code, out = run(
         pd_main,
-        ["toy", "world", "--out", str(tmp_path / "w"), "n_images=30", "n_raters=6",
-         "scores_per_rater=5", "pairs_per_rater=5"],
+        [
+            "toy",
+            "world",
+            "--out",
+            str(tmp_path / "w"),
+            "n_images=30",
+            "n_raters=6",
+            "scores_per_rater=5",
+            "pairs_per_rater=5",
+        ],
         capsys,
-    )  # fmt: skip
+    )
     assert code == 0 and "wrote 30 images rated by 6 raters" in out.out
     assert (tmp_path / "w" / "scores.csv").is_file()
 
@@ -81,13 +90,20 @@ def test_inspect_summarises_what_a_load_read_before_training(tmp_path, capsys):
     for name in ("x.png", "y.png", "z.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / name)
     pd.DataFrame(
-        {"image": ["x.png", "y.png", "z.png", "x.png", "gone.png"],
-         "rater_id": ["r1", "r1", "r1", "r2", "r2"], "score": [2, 7, "NaN", 5, 4]}
-    ).to_csv(tmp_path / "scores.csv", index=False)  # fmt: skip
+        {
+            "image": ["x.png", "y.png", "z.png", "x.png", "gone.png"],
+            "rater_id": ["r1", "r1", "r1", "r2", "r2"],
+            "score": [2, 7, "NaN", 5, 4],
+        }
+    ).to_csv(tmp_path / "scores.csv", index=False)
     pd.DataFrame(
-        {"image_a": ["x.png", "x.png"], "image_b": ["y.png", "z.png"], "rater_id": ["r2", "r3"],
-         "winner": ["a", "tie"]}
-    ).to_csv(tmp_path / "pairs.csv", index=False)  # fmt: skip
+        {
+            "image_a": ["x.png", "x.png"],
+            "image_b": ["y.png", "z.png"],
+            "rater_id": ["r2", "r3"],
+            "winner": ["a", "tie"],
+        }
+    ).to_csv(tmp_path / "pairs.csv", index=False)
     code, out = run(rm_main, ["inspect", str(tmp_path)], capsys)
     assert code == 0
     lines = [" ".join(line.split()) for line in out.out.splitlines()]

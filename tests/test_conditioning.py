@@ -19,8 +19,6 @@ from reward_models.errors import UserError
 TASTE_DIM = 6
 
 
-
-
 def tiny_unet(cross_attention_dim: int = 32) -> UNet2DConditionModel:
     torch.manual_seed(0)
     unet = UNet2DConditionModel(

@@ -13,8 +13,6 @@ from reward_models.errors import UserError
 SHAPE = (3, 4, 8, 8)
 
 
-
-
 def sd_scheduler(prediction_type: str = "epsilon", **overrides) -> DDIMScheduler:
     """The DDIM settings SD 1.x (epsilon) and SD 2.x (v_prediction) ship with, 10 steps."""
     config = dict(

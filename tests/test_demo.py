@@ -2,7 +2,6 @@
 is written, reruns reuse the cached stages."""
 
 import json
-import time
 
 from plural_diffusion import demo
 from plural_diffusion.demo import run_demo
@@ -19,6 +18,8 @@ def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path
         assert m["vendi"] >= 1.0
     assert len(saved["cross_taste_gold"]) == 3 and len(saved["cross_taste_gold"][0]) == 3
     assert (tmp_path / "demo" / "policies_grid.png").stat().st_size > 1000
+    # every policy samples as the policies were trained (train_overrides: sampling.steps=10)
+    assert {m["sampling"]["steps"] for m in saved["policies"].values()} == {10}
     assert set(saved["policies"]["matched"]["win_rate"]["gold"]) == {"noir", "sunny", "vivid"}
     # every checkpoint of the matched run is kept: epochs 1 and 2, after the base model (0)
     assert saved["overoptimisation"]["matched"]["epochs"] == [0, 1, 2]
@@ -31,10 +32,7 @@ def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path
 
     monkeypatch.setattr(demo, "train_policy", must_not_train)
     monkeypatch.setattr(demo, "train_rewards", must_not_train)
-    t0 = time.perf_counter()
     again = run_demo(fast_demo_config, out_dir=tmp_path / "again")
-    rerun = time.perf_counter() - t0
-    assert rerun < metrics["seconds"], (rerun, metrics["seconds"])
     # the same seeds give the same images, so the same figures
     assert (
         again["policies"]["matched"]["gold_per_cluster"]

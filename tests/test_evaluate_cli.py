@@ -7,18 +7,27 @@ import json
 import pytest
 
 from plural_diffusion.cli import main as pd_main
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import train
-from plural_diffusion.demo import CONFIGS
 from plural_diffusion.train_config import TrainConfig
 from reward_models.config import load_config
 
 
 def tiny_run(toy_assets, reward_run, out, objective, epochs):
-    cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", [
-        f"base={toy_assets.base}", f"rewards={reward_run}", f"out_dir={out}",
-        f"objective={objective}", f"epochs={epochs}", "save_every=1", "lr=0.01",
-        "sampling.steps=4", "draft.batch_size=6", "draft.steps_per_epoch=1", "tensorboard=false",
-    ])  # fmt: skip
+    overrides = [
+        f"base={toy_assets.base}",
+        f"rewards={reward_run}",
+        f"out_dir={out}",
+        f"objective={objective}",
+        f"epochs={epochs}",
+        "save_every=1",
+        "lr=0.01",
+        "sampling.steps=4",
+        "draft.batch_size=6",
+        "draft.steps_per_epoch=1",
+        "tensorboard=false",
+    ]
+    cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", overrides)
     train(cfg, progress=False)
     return out / "checkpoints"
 
@@ -42,14 +51,26 @@ def test_evaluate_writes_per_cluster_metrics_win_rates_curve_and_report(
     runs, reward_run, tmp_path, capsys
 ):
     out = tmp_path / "eval"
-    code, printed = run([
-        "evaluate", "--rewards", str(reward_run),  # base: the one the checkpoints were trained on
-        "--policy", f"mean={runs['mean'] / 'epoch-0001'}",
-        "--policy", f"matched={runs['matched'] / 'epoch-0002'}",
-        "--checkpoints", f"matched={runs['matched']}",
-        "--prompt", "an image of one circle", "--seeds", "2", "--steps", "4", "--curve-seeds", "1",
-        "--out", str(out),
-    ], capsys)  # fmt: skip
+    argv = [
+        "evaluate",
+        "--rewards",
+        str(reward_run),  # base, and the sampler: those the checkpoints were trained with
+        "--policy",
+        f"mean={runs['mean'] / 'epoch-0001'}",
+        "--policy",
+        f"matched={runs['matched'] / 'epoch-0002'}",
+        "--checkpoints",
+        f"matched={runs['matched']}",
+        "--prompt",
+        "an image of one circle",
+        "--seeds",
+        "2",
+        "--curve-seeds",
+        "1",
+        "--out",
+        str(out),
+    ]
+    code, printed = run(argv, capsys)
     assert code == 0, printed.err
     assert "win rate vs mean" in printed.out and "report: " in printed.out
 
@@ -70,6 +91,12 @@ def test_evaluate_writes_per_cluster_metrics_win_rates_curve_and_report(
     assert curve["epochs"] == [0, 1, 2]
     assert all(len(v) == 3 for v in curve["gold_per_cluster"].values())
     assert m["eval"]["seeds"] == [0, 1] and curve["n_seeds"] == 1  # the curve: the first seed
+    # every policy samples as the policies were trained (4 steps), the base model included
+    assert {p["sampling"]["steps"] for p in m["policies"].values()} == {4}
+    assert m["policies"]["matched"]["sampling"]["source"]["steps"] == "checkpoint"
+    assert m["policies"]["base"]["sampling"]["source"]["steps"] == (
+        f"checkpoint {runs['mean'] / 'epoch-0001' / 'policy'}"
+    )
 
     page = (out / "report.html").read_text()
     assert "Matched vs mean, per cluster" in page and page.count("data:image/png;base64,") >= 7
@@ -88,8 +115,9 @@ def test_evaluate_writes_per_cluster_metrics_win_rates_curve_and_report(
 def test_bad_evaluate_arguments_are_one_line_errors(
     toy_assets, reward_run, tmp_path, capsys, args, message
 ):
-    code, printed = run(["evaluate", "--base", str(toy_assets.base), "--rewards", str(reward_run),
-                         "--seeds", "1", "--steps", "2", "--out", str(tmp_path), *args], capsys)  # fmt: skip
+    common = ["evaluate", "--base", str(toy_assets.base), "--rewards", str(reward_run)]
+    argv = [*common, "--seeds", "1", "--steps", "2", "--out", str(tmp_path), *args]
+    code, printed = run(argv, capsys)
     assert code == 2
     assert message in printed.err
     assert printed.err.count("\n") == 1

@@ -1,6 +1,7 @@
 """`plural-diffusion generate`: a PNG per (taste, prompt, seed) with its provenance in the PNG
 metadata, a labelled grid per prompt, tastes from clusters, raters, a new user's ratings and
-interpolation, and one-line errors for unknown ids or a taste the policy cannot take."""
+interpolation, the sampler the policy was trained with unless overridden, and one-line errors for
+unknown ids or a taste the policy cannot take."""
 
 import json
 
@@ -11,23 +12,35 @@ import torch
 from PIL import Image
 
 from plural_diffusion.cli import main as pd_main
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import train
-from plural_diffusion.demo import CONFIGS
 from plural_diffusion.train_config import TrainConfig
 from reward_models.config import load_config
 
 PROMPT = "an image of one circle"
+NEGATIVE = "a bright image"  # the negative prompt the policy is trained with
 
 
 @pytest.fixture(scope="module")
 def matched_run(toy_assets, reward_run, tmp_path_factory):
     """A taste-conditioned policy trained for two tiny epochs, a checkpoint after each."""
     out = tmp_path_factory.mktemp("matched")
-    cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", [
-        f"base={toy_assets.base}", f"rewards={reward_run}", f"out_dir={out}", "objective=matched",
-        "epochs=2", "save_every=1", "lr=0.01", "sampling.steps=4", "draft.batch_size=6",
-        "draft.steps_per_epoch=1", "tensorboard=false",
-    ])  # fmt: skip
+    overrides = [
+        f"base={toy_assets.base}",
+        f"rewards={reward_run}",
+        f"out_dir={out}",
+        "objective=matched",
+        "epochs=2",
+        "save_every=1",
+        "lr=0.01",
+        "sampling.steps=4",
+        "sampling.guidance_scale=3.0",
+        f"negative_prompt={NEGATIVE}",
+        "draft.batch_size=6",
+        "draft.steps_per_epoch=1",
+        "tensorboard=false",
+    ]
+    cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", overrides)
     train(cfg, progress=False)
     return out
 
@@ -39,9 +52,7 @@ def run(argv, capsys):
 
 
 def generate(args, out, capsys):
-    code, printed = run(
-        ["generate", "--prompt", PROMPT, "--steps", "4", "--out", str(out), *args], capsys
-    )
+    code, printed = run(["generate", "--prompt", PROMPT, "--out", str(out), *args], capsys)
     assert code == 0, printed.err
     return json.loads((out / "manifest.json").read_text())
 
@@ -90,9 +101,19 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
     pd.DataFrame({"image": [f"{world}/{i}" for i in mine.image], "score": mine.score}).to_csv(
         table, index=False
     )
-    args = ["--checkpoint", str(matched_run / "checkpoints" / "epoch-0001"), "--seeds", "1",
-            "--ratings", str(table), "--interpolate", "cluster:noir", "cluster:sunny",
-            "--interpolate-steps", "3"]  # fmt: skip
+    args = [
+        "--checkpoint",
+        str(matched_run / "checkpoints" / "epoch-0001"),
+        "--seeds",
+        "1",
+        "--ratings",
+        str(table),
+        "--interpolate",
+        "cluster:noir",
+        "cluster:sunny",
+        "--interpolate-steps",
+        "3",
+    ]
     manifest = generate(args, tmp_path / "out", capsys)
     labels = [t["label"] for t in manifest["tastes"]]
     assert labels == ["user my_ratings.csv", "noir", "0.50 noir + 0.50 sunny", "sunny"]
@@ -110,13 +131,24 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
         (["--no-checkpoint", "--taste", "cluster:noir"], "the base model has no taste conditioner"),
         (["--checkpoint", "/no/such/run"], "/no/such/run: checkpoint directory not found"),
         (["--ratings", "/no/ratings.csv"], "/no/ratings.csv: file not found"),
+        (["--eta", "1.5"], "--eta 1.5: must be in [0, 1]"),
+        (["--steps", "0"], "--steps 0: must be >= 1"),
     ],
 )
 def test_bad_tastes_and_paths_are_one_line_errors(
     matched_run, toy_assets, reward_run, tmp_path, capsys, args, message
 ):
-    common = ["generate", "--base", str(toy_assets.base), "--rewards", str(reward_run),
-              "--prompt", PROMPT, "--out", str(tmp_path)]  # fmt: skip
+    common = [
+        "generate",
+        "--base",
+        str(toy_assets.base),
+        "--rewards",
+        str(reward_run),
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path),
+    ]
     if args[0] == "--no-checkpoint":
         args = args[1:]
     elif args[0] != "--checkpoint":
@@ -125,3 +157,54 @@ def test_bad_tastes_and_paths_are_one_line_errors(
     assert code == 2
     assert message in printed.err
     assert printed.err.count("\n") == 1 and "Traceback" not in printed.err
+
+
+def test_the_trained_sampler_is_used_unless_overridden_and_the_outputs_say_which(
+    matched_run, tmp_path, capsys
+):
+    args = ["--checkpoint", str(matched_run / "checkpoints" / "epoch-0002"), "--seeds", "1"]
+    trained = generate([*args, "--taste", "cluster:noir"], tmp_path / "trained", capsys)
+    assert trained["sampling"] == {
+        "steps": 4,
+        "guidance": 3.0,
+        "eta": 1.0,
+        "negative_prompt": NEGATIVE,
+        "source": dict.fromkeys(["steps", "guidance", "eta", "negative_prompt"], "checkpoint"),
+    }
+    png = Image.open(tmp_path / "trained" / trained["prompts"][0]["images"][0]["file"])
+    assert (png.text["steps"], png.text["guidance"], png.text["negative_prompt"]) == (
+        "4",
+        "3.0",
+        NEGATIVE,
+    )
+    assert json.loads(png.text["sampling_source"])["negative_prompt"] == "checkpoint"
+
+    overridden = generate(
+        [*args, "--taste", "cluster:noir", "--steps", "2", "--negative-prompt", ""],
+        tmp_path / "user",
+        capsys,
+    )
+    sampling = overridden["sampling"]
+    assert (sampling["steps"], sampling["guidance"], sampling["negative_prompt"]) == (2, 3.0, "")
+    assert sampling["source"] == {
+        "steps": "user",
+        "guidance": "checkpoint",
+        "eta": "checkpoint",
+        "negative_prompt": "user",
+    }
+    other = Image.open(tmp_path / "user" / overridden["prompts"][0]["images"][0]["file"])
+    assert np.abs(np.asarray(other, dtype=int) - np.asarray(png, dtype=int)).max() > 10
+
+
+def test_the_base_model_has_no_trained_sampler_and_says_so(toy_assets, tmp_path, capsys):
+    manifest = generate(
+        ["--base", str(toy_assets.base), "--seeds", "1", "--steps", "3"], tmp_path, capsys
+    )
+    assert manifest["checkpoint"] == "none (base model)"
+    assert manifest["sampling"]["steps"] == 3 and manifest["sampling"]["guidance"] == 4.0
+    assert manifest["sampling"]["source"] == {
+        "steps": "user",
+        "guidance": "default",
+        "eta": "default",
+        "negative_prompt": "default",
+    }

@@ -67,8 +67,16 @@ def make_world(seed: int = 0, n_items: int = 400, noise: float = 0.3) -> World:
     utility = (features @ w)[item] * sign[rater]  # [n_ratings]
     score = offset[rater] + scale[rater] * utility + noise * torch.randn(item.numel(), generator=g)
     test_utility = (test_features @ w)[:, None] * sign[None]
-    return World(features, features @ w, ScoreSet(features, rater, score, item), group, offset,
-                 scale, test_features, test_utility)  # fmt: skip
+    return World(
+        features,
+        features @ w,
+        ScoreSet(features, rater, score, item),
+        group,
+        offset,
+        scale,
+        test_features,
+        test_utility,
+    )
 
 
 def rater_report(head, world: World, tastes: torch.Tensor | None = None):
@@ -86,7 +94,7 @@ def rater_report(head, world: World, tastes: torch.Tensor | None = None):
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     # these models are tiny: on a shared 2-core machine, a second intra-op thread only adds
-    # contention (measured 3x slower training)
+    # contention
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -107,8 +115,9 @@ def mean_head(world):
 
 @pytest.fixture(scope="module")
 def rater_head(world):
-    head = build_head(RaterHeadConfig(feature_dim=DIM, n_raters=N_RATERS, taste_dim=4,
-                                      hidden_dims=(64, 32)))  # fmt: skip
+    head = build_head(
+        RaterHeadConfig(feature_dim=DIM, n_raters=N_RATERS, taste_dim=4, hidden_dims=(64, 32))
+    )
     history = fit_head(head, scores=world.scores, cfg=TRAIN)
     assert history.val_loss[history.best_epoch] == min(history.val_loss)
     return head
@@ -186,8 +195,9 @@ def test_bradley_terry_on_pairs_alone_learns_both_tastes(world):
     logit = world.scale[rater] * sign[rater] * (world.utility[idx_a] - world.utility[idx_b])
     winner = (torch.rand(rater.shape, generator=g) >= torch.sigmoid(logit)).float()  # 0: a won
     pairs = PairSet(world.features, idx_a, idx_b, rater, winner)
-    head = build_head(RaterHeadConfig(feature_dim=DIM, n_raters=N_RATERS, taste_dim=4,
-                                      hidden_dims=(64, 32)))  # fmt: skip
+    head = build_head(
+        RaterHeadConfig(feature_dim=DIM, n_raters=N_RATERS, taste_dim=4, hidden_dims=(64, 32))
+    )
     fit_head(head, pairs=pairs, cfg=TRAIN)
     report = rater_report(head, world, head.rater_tastes())
     assert report.per_cluster[0] > 0.85
@@ -195,8 +205,13 @@ def test_bradley_terry_on_pairs_alone_learns_both_tastes(world):
 
 
 def test_fit_head_is_seeded_and_trains_on_scores_and_pairs_together(world):
-    pairs = PairSet(world.features, torch.arange(0, 100), torch.arange(100, 200),
-                    torch.arange(100) % N_RATERS, torch.zeros(100))  # fmt: skip
+    pairs = PairSet(
+        world.features,
+        torch.arange(0, 100),
+        torch.arange(100, 200),
+        torch.arange(100) % N_RATERS,
+        torch.zeros(100),
+    )
     cfg = TrainHeadConfig(epochs=3, progress=False, seed=7)
     weights = []
     for _ in range(2):
@@ -209,8 +224,9 @@ def test_fit_head_is_seeded_and_trains_on_scores_and_pairs_together(world):
 
 
 def test_early_stopping_keeps_the_best_held_out_epoch(world):
-    small = ScoreSet(world.features, world.scores.rater[:300], world.scores.score[:300],
-                     world.scores.item[:300])  # fmt: skip
+    small = ScoreSet(
+        world.features, world.scores.rater[:300], world.scores.score[:300], world.scores.item[:300]
+    )
     head = build_head(MeanHeadConfig(feature_dim=DIM, hidden_dims=(256, 256), dropout=0.0))
     cfg = TrainHeadConfig(epochs=300, lr=1e-2, patience=5, holdout_fraction=0.3, progress=False)
     history = fit_head(head, scores=small, cfg=cfg)
@@ -221,8 +237,11 @@ def test_early_stopping_keeps_the_best_held_out_epoch(world):
 
 @pytest.mark.parametrize("kind", ["mean", "rater"])
 def test_save_load_round_trip_gives_identical_scores(tmp_path, world, kind):
-    cfg = (MeanHeadConfig(feature_dim=DIM, hidden_dims=(8,)) if kind == "mean"
-           else RaterHeadConfig(feature_dim=DIM, n_raters=N_RATERS, hidden_dims=(8,)))  # fmt: skip
+    cfg = (
+        MeanHeadConfig(feature_dim=DIM, hidden_dims=(8,))
+        if kind == "mean"
+        else RaterHeadConfig(feature_dim=DIM, n_raters=N_RATERS, hidden_dims=(8,))
+    )
     head = build_head(cfg).eval()
     with torch.no_grad():
         for p in head.parameters():  # non-trivial values everywhere, calibration included
@@ -237,7 +256,9 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path, world, kind):
     assert loaded.config == head.config
     assert read_head_metadata(tmp_path / "head") == {"clip_model": "toy", "rater_ids": ["a", "b"]}
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == [
-        "head.safetensors", "head_config.json"]  # fmt: skip
+        "head.safetensors",
+        "head_config.json",
+    ]
 
 
 def test_wrong_feature_dimension_is_a_user_error_naming_both_dims(tmp_path):

@@ -23,9 +23,13 @@ def test_train_paths_written_from_the_json_folder_resolve_there_and_say_so(tmp_p
     for i in range(3):
         save_jpeg(tmp_path / "train" / f"{i:05d}.jpg", 60 * i)
     records = [
-        {"user_hash": "9f2c", "prompt": "a cat", "human_preference": [0, 1, 0],
-         "file_path": ["train/00000.jpg", "train/00001.jpg", "train/00002.jpg"]},
-    ]  # fmt: skip
+        {
+            "user_hash": "9f2c",
+            "prompt": "a cat",
+            "human_preference": [0, 1, 0],
+            "file_path": ["train/00000.jpg", "train/00001.jpg", "train/00002.jpg"],
+        },
+    ]
     (tmp_path / "train.json").write_text(json.dumps(records))
     with caplog.at_level(logging.INFO, logger="reward_models.data"):
         pairs = load_ratings(tmp_path).pairs  # train/ exists beside train.json: tried first
@@ -43,15 +47,29 @@ def write_test_split(root: Path) -> Path:
         save_jpeg(root / "test" / f"{i:05d}.jpg", 50 * i)
     three = ["00000.jpg", "00001.jpg", "00002.jpg"]
     records = [
-        {"prompt": "a lighthouse", "image_path": three, "rank": [1, 3, 2],
-         "raw_annotations": [{"user_hash": "u1", "rank": [1, 2, 3]},
-                             {"user_hash": "u2", "rank": [2, 1, 1]}]},
-        {"prompt": "a fox", "image_path": ["00003.jpg", "00000.jpg"], "rank": [2, 1],
-         "user_hash": "u3"},
+        {
+            "prompt": "a lighthouse",
+            "image_path": three,
+            "rank": [1, 3, 2],
+            "raw_annotations": [
+                {"user_hash": "u1", "rank": [1, 2, 3]},
+                {"user_hash": "u2", "rank": [2, 1, 1]},
+            ],
+        },
+        {
+            "prompt": "a fox",
+            "image_path": ["00003.jpg", "00000.jpg"],
+            "rank": [2, 1],
+            "user_hash": "u3",
+        },
         {"prompt": "no one", "image_path": ["00001.jpg", "00002.jpg"], "rank": [1, 2]},
-        {"prompt": "short", "image_path": three, "rank": [1, 2, 3],
-         "raw_annotation": [{"user_hash": "u1", "rank": [1, 2]}]},
-    ]  # fmt: skip
+        {
+            "prompt": "short",
+            "image_path": three,
+            "rank": [1, 2, 3],
+            "raw_annotation": [{"user_hash": "u1", "rank": [1, 2]}],
+        },
+    ]
     path = root / "test.json"
     path.write_text(json.dumps(records))
     return path

@@ -1,10 +1,10 @@
-"""Specification of the latent taste head (reward_models.latent, latent_fit, latent_query).
+"""Specification of the latent taste head (reward_models.research.latent, latent_fit, latent_query).
 
 The world: 16-dim unit features, two groups of raters with opposite tastes (utility +4 w.x or
 -4 w.x), each rater scoring 40 of 200 images with a personal offset (sd 2 score points, i.e.
 harsh and generous raters) and noise sd 0.3. The population mean utility is 0 everywhere, so a
 head that ignores who is rating is at chance; everything above 0.5 comes from the inferred z.
-One head is trained once per module (~10 s) on 40 raters; 8 other raters are never seen.
+One head is trained once per module on 40 raters; 8 other raters are never seen.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from reward_models.data import RatingData, ScoreTable
 from reward_models.errors import UserError
 from reward_models.heads import build_head, load_head, save_head
-from reward_models.latent import Context, LatentHead, LatentHeadConfig
-from reward_models.latent_eval import diagnose, few_shot_eval, few_shot_protocol
-from reward_models.latent_fit import LatentTrainConfig, fit_latent
-from reward_models.latent_query import select_queries
 from reward_models.metrics import pairwise_accuracy, spearman
+from reward_models.research.latent import Context, LatentHead, LatentHeadConfig
+from reward_models.research.latent_eval import diagnose, few_shot_eval, few_shot_protocol
+from reward_models.research.latent_fit import LatentTrainConfig, fit_latent
+from reward_models.research.latent_query import select_queries
 from reward_models.train import PairSet, ScoreSet, TrainHeadConfig, fit_head
 
 torch.set_num_threads(1)

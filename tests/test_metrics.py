@@ -79,6 +79,17 @@ def test_per_rater_cluster_and_worst_cluster_aggregates():
     assert report.per_cluster == {0: pytest.approx(5 / 6), 1: 0.0}
     assert (report.worst_cluster, report.worst_value) == (1, 0.0)
     assert report.mean == pytest.approx((1 + 2 / 3 + 0) / 3)
+    assert report.raters_per_cluster == {0: 2, 1: 1}
+
+
+def test_groups_may_be_named_by_a_mapping_from_rater_to_group():
+    pred = torch.tensor([1.0, 2.0, 1.0, 3.0, 2.0, 3.0, 2.0, 1.0])
+    target = torch.tensor([1.0, 2.0, 1.0, 2.0, 3.0, 1.0, 2.0, 3.0])
+    rater = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2])
+    report = by_rater(pred, target, rater, {0: "sunny", 1: "sunny", 2: "noir"})
+    assert list(report.per_cluster) == ["noir", "sunny"]  # sorted by name
+    assert report.per_cluster == {"noir": 0.0, "sunny": pytest.approx(5 / 6)}
+    assert (report.worst_cluster, report.worst_value) == ("noir", 0.0)
 
 
 def test_raters_without_a_ranking_are_skipped_in_aggregates():
@@ -89,3 +100,4 @@ def test_raters_without_a_ranking_are_skipped_in_aggregates():
     assert math.isnan(report.per_rater[1])
     assert report.per_cluster == {0: 1.0}
     assert report.mean == 1.0
+    assert report.raters_per_cluster == {0: 1}  # the rater with nothing to rank is not counted

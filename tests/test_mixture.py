@@ -1,4 +1,4 @@
-"""Specification of the mixture-density head (reward_models.mdn) and EM over raters (mixture).
+"""Specification of the mixture-density head (reward_models.research.mdn) and EM over raters (mixture).
 
 The world: 16-dim unit features, 24 raters in two groups of opposite taste (utility +3 w.x or
 -3 w.x), each scoring 30 of 150 images with a personal offset (sd 2 score points) and noise sd
@@ -15,9 +15,15 @@ import torch.nn.functional as F
 
 from reward_models.errors import UserError
 from reward_models.heads import build_head, load_head, save_head
-from reward_models.mdn import MDNHead, MDNHeadConfig, MDNTrainConfig, fit_mdn, rater_log_likelihood
 from reward_models.metrics import adjusted_rand_index, spearman
-from reward_models.mixture import EMConfig, HeadMixture, fit_em
+from reward_models.research.mdn import (
+    MDNHead,
+    MDNHeadConfig,
+    MDNTrainConfig,
+    fit_mdn,
+    rater_log_likelihood,
+)
+from reward_models.research.mixture import EMConfig, HeadMixture, fit_em
 from reward_models.train import PairSet, ScoreSet
 
 torch.set_num_threads(1)

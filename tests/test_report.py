@@ -38,9 +38,15 @@ def synthetic_evaluation():
             "vendi": 1.5 + sum(gold),
             "mean_pairwise_distance": 0.01 * sum(gold),
             "vendi_within_taste": per_cluster([1.1, 1.2, 1.3]) if matched else {"none": 2.0},
-            "mean_pairwise_distance_within_taste": per_cluster([0.01, 0.02, 0.03]) if matched else {"none": 0.04},
-            "win_rate": {"baseline": "mean", "gold": per_cluster([0.4, 0.9, 1.0]), "learned": per_cluster([0.5, 0.8, 0.9])},
-        }  # fmt: skip
+            "mean_pairwise_distance_within_taste": per_cluster([0.01, 0.02, 0.03])
+            if matched
+            else {"none": 0.04},
+            "win_rate": {
+                "baseline": "mean",
+                "gold": per_cluster([0.4, 0.9, 1.0]),
+                "learned": per_cluster([0.5, 0.8, 0.9]),
+            },
+        }
         if matched:
             m["cross_taste_gold"] = [[0.93, 0.01, 0.01], [0.01, 0.95, 0.05], [0.31, 0.2, 0.51]]
             m["cross_taste_reward"] = [[4.0, 1.0, 1.0], [1.0, 4.5, 2.0], [2.0, 2.0, 3.0]]
@@ -48,8 +54,15 @@ def synthetic_evaluation():
 
     metrics = {
         "clusters": {"names": NAMES, "shares": [0.6, 0.3, 0.1]},
-        "eval": {"prompts": ["an image of one circle", "an image of two squares"], "seeds": [1, 2],
-                 "steps": 20, "guidance": 4.0, "eta": 1.0, "baseline": "mean", "gold": True},
+        "eval": {
+            "prompts": ["an image of one circle", "an image of two squares"],
+            "seeds": [1, 2],
+            "steps": 20,
+            "guidance": 4.0,
+            "eta": 1.0,
+            "baseline": "mean",
+            "gold": True,
+        },
         "policies": {
             "base": policy([0.64, 0.11, 0.04], [3.0, 2.0, 1.0], False),
             "mean": policy([0.95, 0.002, 0.016], [4.0, 0.5, 0.7], False),
@@ -58,14 +71,26 @@ def synthetic_evaluation():
         "headline": {"policy": "matched", "baseline": "mean"},
         "cross_taste_gold": [[0.93, 0.01, 0.01], [0.01, 0.95, 0.05], [0.31, 0.2, 0.51]],
         "cross_taste_policy": "matched",
-        "cross_taste_diagonal_dominance": {"by_column": [True, True, True], "all_columns": True, "by_row": [True, True, True]},
-        "overoptimisation": {"matched": {
-            "epochs": [0, 4, 8], "n_seeds": 2,
-            "reward_per_cluster": per_cluster([[3, 4, 5], [2, 4, 5], [1, 2, 3]]),
-            "gold_per_cluster": per_cluster([[0.6, 0.9, 0.9], [0.1, 0.8, 0.95], [0.04, 0.3, 0.5]]),
-        }},
-        "reward_heads": {"mean": per_cluster([0.88, 0.24, 0.36]), "rater": per_cluster([0.92, 0.82, 0.80])},
-    }  # fmt: skip
+        "cross_taste_diagonal_dominance": {
+            "by_column": [True, True, True],
+            "all_columns": True,
+            "by_row": [True, True, True],
+        },
+        "overoptimisation": {
+            "matched": {
+                "epochs": [0, 4, 8],
+                "n_seeds": 2,
+                "reward_per_cluster": per_cluster([[3, 4, 5], [2, 4, 5], [1, 2, 3]]),
+                "gold_per_cluster": per_cluster(
+                    [[0.6, 0.9, 0.9], [0.1, 0.8, 0.95], [0.04, 0.3, 0.5]]
+                ),
+            }
+        },
+        "reward_heads": {
+            "mean": per_cluster([0.88, 0.24, 0.36]),
+            "rater": per_cluster([0.92, 0.82, 0.80]),
+        },
+    }
 
     def pictures(n=4):  # [P * S, 3, 8, 8]
         return torch.rand((n, 3, 8, 8), generator=g)
@@ -90,8 +115,15 @@ def test_report_is_one_self_contained_file(report_file):
     sources = re.findall(r"""(?:src|href)=["']([^"']*)["']""", page)
     assert len(sources) >= 8 and all(s.startswith("data:") for s in sources)  # nothing to fetch
     assert not re.search(r"https?://|url\(", re.sub(r"data:[^\"']*", "", page))
-    for section in ("Summary", "Win rate against mean", "cross-taste matrix", "Diversity",
-                    "Over-optimisation", "Images", "Reward heads"):  # fmt: skip
+    for section in (
+        "Summary",
+        "Win rate against mean",
+        "cross-taste matrix",
+        "Diversity",
+        "Over-optimisation",
+        "Images",
+        "Reward heads",
+    ):
         assert section in page, section
 
 
@@ -119,9 +151,16 @@ def test_report_renders_in_headless_chromium_with_every_image_and_no_errors(repo
     profile = tempfile.mkdtemp(prefix="pd-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", f"--user-data-dir={profile}"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     # an explicit driver path: selenium-manager never looks for (or downloads) one

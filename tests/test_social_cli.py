@@ -35,8 +35,21 @@ def test_social_ranks_the_candidates_writes_ranking_and_a_loadable_social_head(
     reward_run, candidates, tmp_path, capsys
 ):
     def social(out):
-        argv = ["social", "--heads", str(reward_run), "--rule", "copeland", "--candidates",
-                str(candidates), "--out", str(out), "--voters", "60", "--seed", "3"]  # fmt: skip
+        argv = [
+            "social",
+            "--heads",
+            str(reward_run),
+            "--rule",
+            "copeland",
+            "--candidates",
+            str(candidates),
+            "--out",
+            str(out),
+            "--voters",
+            "60",
+            "--seed",
+            "3",
+        ]
         return run(argv, capsys)
 
     out = tmp_path / "social"
@@ -99,8 +112,15 @@ def test_missing_folders_are_one_line_errors(what, message, tmp_path, capsys):
 
 def test_a_folder_without_images_is_a_one_line_error(reward_run, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("no pictures here")
-    argv = ["social", "--heads", str(reward_run), "--candidates", str(tmp_path), "--out",
-            str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "social",
+        "--heads",
+        str(reward_run),
+        "--candidates",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "out"),
+    ]
     code, printed = run(argv, capsys)
     assert code == 2 and printed.err.count("\n") == 1
     assert "no images found" in printed.err

@@ -117,9 +117,13 @@ def test_social_pairs_label_every_pair_by_the_social_order_and_ties_as_half():
         for a, b, w in zip(pairs.idx_a.tolist(), pairs.idx_b.tolist(), pairs.winner.tolist())
     }
     assert labels == {
-        ("a", "b"): 0.0, ("a", "c"): 0.0, ("a", "d"): 0.0,
-        ("b", "c"): 0.5, ("b", "d"): 0.0, ("c", "d"): 0.0,
-    }  # fmt: skip
+        ("a", "b"): 0.0,
+        ("a", "c"): 0.0,
+        ("a", "d"): 0.0,
+        ("b", "c"): 0.5,
+        ("b", "d"): 0.0,
+        ("c", "d"): 0.0,
+    }
 
 
 def test_social_head_learns_the_social_order_and_saves_like_any_head(tmp_path):
@@ -237,15 +241,23 @@ def measure_morristown(seed: int) -> dict:
     torch.manual_seed(seed)
     individual = build_head(
         RaterHeadConfig(
-            feature_dim=DIM, n_raters=N_A + N_B, taste_dim=2, hidden_dims=(32, 16),
-            conditioning="bilinear", dropout=0.0,
+            feature_dim=DIM,
+            n_raters=N_A + N_B,
+            taste_dim=2,
+            hidden_dims=(32, 16),
+            conditioning="bilinear",
+            dropout=0.0,
         )
-    )  # fmt: skip
+    )
     fit_head(individual, pairs=pairs, cfg=train)
     vote = social_vote(
-        individual, individual.rater_tastes(), features, None, "borda",
+        individual,
+        individual.rater_tastes(),
+        features,
+        None,
+        "borda",
         ElectorateConfig(n_voters=500, seed=seed),
-    )  # fmt: skip
+    )
 
     def place(scores) -> int:  # Morristown's place, 1 = first
         return int((np.asarray(scores) > scores[MORRISTOWN]).sum()) + 1
@@ -253,7 +265,9 @@ def measure_morristown(seed: int) -> dict:
     return {
         "true_share": float(true_share),
         "pooled_share": borda_share_of_bt_scores(pooled_scores, MORRISTOWN),
-        "social_share": float(vote.ranking.scores[MORRISTOWN] / (vote.profile.total_weight * n_rivals)),
+        "social_share": float(
+            vote.ranking.scores[MORRISTOWN] / (vote.profile.total_weight * n_rivals)
+        ),
         "true_place": place(complete.scores),
         "pooled_place": place(pooled_scores),
         "social_place": place(vote.ranking.scores),

@@ -17,8 +17,14 @@ from reward_models.workflow import Features, pair_set
 
 def pairs_csv(path: Path, winners: list) -> Path:
     n = len(winners)
-    df = pd.DataFrame({"image_a": ["x.png"] * n, "image_b": ["y.png"] * n,
-                       "rater_id": ["r"] * n, "winner": winners})  # fmt: skip
+    df = pd.DataFrame(
+        {
+            "image_a": ["x.png"] * n,
+            "image_b": ["y.png"] * n,
+            "rater_id": ["r"] * n,
+            "winner": winners,
+        }
+    )
     df.to_csv(path, index=False)
     return path
 
@@ -33,12 +39,14 @@ def test_our_pairs_tables_read_tie_and_half_as_a_tie(tmp_path):
 
 def test_a_tie_pulls_two_scores_together_where_a_win_pushes_them_apart(tmp_path):
     torch.manual_seed(0)
-    features = Features(torch.nn.functional.normalize(torch.randn(2, 8), dim=-1),
-                        {"x.png": 0, "y.png": 1})  # fmt: skip
+    features = Features(
+        torch.nn.functional.normalize(torch.randn(2, 8), dim=-1), {"x.png": 0, "y.png": 1}
+    )
     head = MeanHead(MeanHeadConfig(feature_dim=8, hidden_dims=(), activation="none", dropout=0.0))
     # no weight decay: only the pairs may move the gap
-    cfg = TrainHeadConfig(epochs=60, batch_size=8, lr=0.05, weight_decay=0.0,
-                          holdout_fraction=0.0, progress=False)  # fmt: skip
+    cfg = TrainHeadConfig(
+        epochs=60, batch_size=8, lr=0.05, weight_decay=0.0, holdout_fraction=0.0, progress=False
+    )
 
     def gap() -> float:
         with torch.no_grad():

@@ -26,7 +26,7 @@ from plural_diffusion.toyworld.vae import build_vae
 from reward_models.config import load_config
 from reward_models.errors import UserError
 
-# Small but adequate: ~30 s on one CPU core, and prompts already steer brightness (the
+# Small but adequate: quick on one CPU core, and prompts already steer brightness (the
 # dark-vs-bright luma gap measured 0.25-0.28 for seeds 0, 1 and 2; 0.15 with 120 VAE steps).
 SMALL = [
     "n_images=512",
@@ -73,8 +73,8 @@ def small_pipe(small_base) -> StableDiffusionPipeline:
     return pipe
 
 
-def sample(pipe, prompt: str, n: int, steps: int = 10, guidance: float = 4.0, seed: int = 0):
-    """[n, 3, 32, 32] images in [0, 1]."""
+def pipe_images(pipe, prompt: str, n: int, steps: int = 10, guidance: float = 4.0, seed: int = 0):
+    """[n, 3, 32, 32] images in [0, 1], from the pipeline diffusers itself runs."""
     return pipe(
         [prompt] * n,
         height=32,
@@ -127,7 +127,7 @@ def test_saved_directory_loads_as_stable_diffusion_with_sd_ddim_settings(small_b
 
 
 def test_pipeline_samples_32px_images_in_unit_range(small_pipe):
-    images = sample(small_pipe, "a bright vivid warm image of one circle", n=2, steps=4)
+    images = pipe_images(small_pipe, "a bright vivid warm image of one circle", n=2, steps=4)
     assert images.shape == (2, 3, 32, 32)
     assert torch.isfinite(images).all()
     assert images.min() >= 0.0 and images.max() <= 1.0
@@ -138,8 +138,8 @@ def test_pipeline_samples_32px_images_in_unit_range(small_pipe):
 
 
 def test_dark_prompts_give_darker_images_than_bright_prompts(small_pipe):
-    dark = pixel_stats(sample(small_pipe, "a dark muted warm image of one circle", n=8))
-    bright = pixel_stats(sample(small_pipe, "a bright muted warm image of one circle", n=8))
+    dark = pixel_stats(pipe_images(small_pipe, "a dark muted warm image of one circle", n=8))
+    bright = pixel_stats(pipe_images(small_pipe, "a bright muted warm image of one circle", n=8))
     dark_luma, bright_luma = dark[:, 0].mean().item(), bright[:, 0].mean().item()
     # measured with this config: 0.18 vs 0.44
     assert bright_luma - dark_luma > 0.12, (dark_luma, bright_luma)

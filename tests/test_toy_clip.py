@@ -1,7 +1,7 @@
 """The toy world's tiny open_clip model: trained from a seed, saved in open_clip's local-dir layout,
 and its frozen image features read out the pixel statistics the gold raters score.
 
-A smaller config than the default (512 images, 128 steps) keeps this file well under a minute.
+A smaller config than the default (512 images, 128 steps) keeps this file quick.
 """
 
 import numpy as np

@@ -11,9 +11,14 @@ from plural_diffusion.toyworld.raters import pixel_stats
 
 def generate(pipe, prompt, n=8, seed=0):
     return pipe(
-        [prompt] * n, height=32, width=32, num_inference_steps=15, guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(seed), output_type="pt",
-    ).images  # fmt: skip
+        [prompt] * n,
+        height=32,
+        width=32,
+        num_inference_steps=15,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
+    ).images
 
 
 def test_toy_base_loads_with_plain_diffusers_and_obeys_brightness_words(toy_assets):
@@ -31,9 +36,17 @@ def test_toy_base_loads_with_plain_diffusers_and_obeys_brightness_words(toy_asse
     assert luma_bright - luma_dark > 0.07, (luma_dark, luma_bright)
 
 
-def test_toy_prepare_reuses_its_cache(fast_demo_config, toy_assets):
-    from plural_diffusion.toyworld.prepare import prepare_toy
+def test_toy_prepare_reuses_its_cache(fast_demo_config, toy_assets, monkeypatch):
+    from plural_diffusion.toyworld import prepare
 
-    again = prepare_toy(fast_demo_config.prepare, progress=False)
-    assert (again.world, again.clip, again.base) == (toy_assets.world, toy_assets.clip, toy_assets.base)
-    assert max(again.seconds.values()) < 5.0  # verification only, no training
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("a cached toy stage was built again")
+
+    for builder in ("write_world", "train_toy_clip", "train_toy_base"):
+        monkeypatch.setattr(prepare, builder, must_not_build)
+    again = prepare.prepare_toy(fast_demo_config.prepare, progress=False)
+    assert (again.world, again.clip, again.base) == (
+        toy_assets.world,
+        toy_assets.clip,
+        toy_assets.base,
+    )

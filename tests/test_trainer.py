@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from plural_diffusion.backbone import load_pipeline
+from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer, latest_checkpoint, train
-from plural_diffusion.demo import CONFIGS
-from plural_diffusion.sampling import sample
+from plural_diffusion.policy import TastePolicy
 from plural_diffusion.train_config import TrainConfig
 from reward_models.config import load_config
 from reward_models.errors import UserError
@@ -42,16 +42,25 @@ def lora_weights(run_dir):
     return load_file(str(ckpt / "policy" / "pytorch_lora_weights.safetensors"))
 
 
+def policy_of(trainer) -> TastePolicy:
+    """The trainer's pipeline and taste conditioner as a policy, with its sampler."""
+    return TastePolicy(trainer.pipe, trainer.conditioner, sampling=trainer.cfg.sampling)
+
+
 def reward_on_fixed_batch(trainer, batch=6, seed=99):
     """Mean matched reward of the policy on one fixed batch of prompts, tastes and noise."""
     saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
-    prompt, taste, z, noise = trainer.draw_batch(batch)
-    embeds, negative = trainer._embeds(prompt)
+    prompt, _, z, noise = trainer.draw_batch(batch)
+    embeds, negative = trainer.prompt_embeds[prompt], trainer.negative_embeds[prompt]
     with torch.no_grad():
-        traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
-                      embeds, negative, z, trainer.cfg.sampling, generator=trainer.generator,
-                      init_latents=noise)  # fmt: skip
-        reward = trainer._reward(traj.images, z, taste).mean().item()
+        traj = policy_of(trainer).sample(
+            prompt_embeds=embeds,
+            negative_embeds=negative,
+            tastes=z,
+            noise=noise,
+            generator=trainer.generator,
+        )
+        reward = trainer.rewards.reward(traj.images, z, "matched").mean().item()
     trainer.generator = saved
     return reward
 
@@ -157,17 +166,30 @@ def kl_on_fixed_batch(trainer, batch=6, seed=7) -> float:
     """KL-to-base of the policy's denoising step, averaged over one fixed batch's trajectory."""
     saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
     prompt, _, z, noise = trainer.draw_batch(batch)
-    embeds, negative = trainer._embeds(prompt)
+    embeds, negative = trainer.prompt_embeds[prompt], trainer.negative_embeds[prompt]
     cfg = trainer.cfg.sampling
     with torch.no_grad():
-        traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
-                      embeds, negative, z, cfg, generator=trainer.generator, init_latents=noise)  # fmt: skip
+        traj = policy_of(trainer).sample(
+            prompt_embeds=embeds,
+            negative_embeds=negative,
+            tastes=z,
+            noise=noise,
+            generator=trainer.generator,
+        )
         kls = []
         for j, t in enumerate(traj.timesteps[:-1]):
             from plural_diffusion.sampling import guided_noise
 
-            pred = guided_noise(trainer.unet, trainer.conditioner, traj.latents[:, j], t, embeds,
-                                negative, z, cfg.guidance_scale)  # fmt: skip
+            pred = guided_noise(
+                trainer.unet,
+                trainer.conditioner,
+                traj.latents[:, j],
+                t,
+                embeds,
+                negative,
+                z,
+                cfg.guidance_scale,
+            )
             kls.append(trainer._kl_to_base(pred, traj.latents[:, j], t, embeds, negative).item())
     trainer.generator = saved
     return sum(kls) / len(kls)
@@ -227,10 +249,29 @@ def test_ensemble_penalty_without_an_ensemble_is_a_one_line_error(toy_assets, re
         Trainer(cfg)
 
 
-def test_draft_with_the_ensemble_penalty_trains(toy_assets, ensemble_run, tmp_path):
-    cfg = toy_config(toy_assets, ensemble_run, tmp_path, "epochs=1", "ensemble_penalty=1.0")
-    log = Trainer(cfg).train_epoch()
-    assert torch.isfinite(torch.tensor(log["reward_mean"]))
+def test_draft_with_the_ensemble_penalty_lowers_the_reward_and_changes_the_update(
+    toy_assets, ensemble_run, tmp_path
+):
+    def one_epoch(penalty: float):
+        cfg = toy_config(
+            toy_assets,
+            ensemble_run,
+            tmp_path / str(penalty),
+            "epochs=1",
+            f"ensemble_penalty={penalty}",
+        )
+        trainer = Trainer(cfg)
+        log = trainer.train_epoch()
+        lora = {n: p.detach().clone() for n, p in trainer.unet.named_parameters() if "lora" in n}
+        return log, lora
+
+    # the same seed: the same LoRA initialisation and the same first batch of images
+    plain, plain_lora = one_epoch(0.0)
+    penalised, penalised_lora = one_epoch(1.0)
+    assert torch.isfinite(torch.tensor(penalised["reward_mean"]))
+    # reward - 1.0 * std over the ensemble, and the heads disagree on every image
+    assert penalised["reward_mean"] < plain["reward_mean"] - 1e-3, (plain, penalised)
+    assert any(not torch.equal(plain_lora[n], penalised_lora[n]) for n in plain_lora)
 
 
 @pytest.fixture(scope="module")
@@ -272,10 +313,10 @@ def test_latent_tastes_are_posterior_draws_around_each_clusters_raters(
     # generation asks such a policy for clusters by their latent taste, and turns a new user's
     # ratings into a taste with one pass of the latent encoder
     from plural_diffusion.evaluate import policy_tastes
-    from plural_diffusion.generate import load_policy, resolve_taste
+    from plural_diffusion.generate import resolve_taste
     from plural_diffusion.rewards import TasteRewards
 
-    policy = load_policy(str(toy_assets.base), tmp_path / "ckpt" / "policy")
+    policy = TastePolicy.from_pretrained(str(toy_assets.base), tmp_path / "ckpt" / "policy")
     in_rater_space = TasteRewards(str(latent_run))
     asked = torch.stack([t.z for t in policy_tastes(policy, in_rater_space)])
     torch.testing.assert_close(asked, rewards.cluster_tastes.cpu())
@@ -283,8 +324,12 @@ def test_latent_tastes_are_posterior_draws_around_each_clusters_raters(
     rater = scores[1].split(",")[1]
     mine = [line for line in scores[1:] if line.split(",")[1] == rater][:10]
     ratings = tmp_path / "ratings.csv"
-    ratings.write_text("image,score\n" + "".join(
-        f"{toy_assets.world / line.split(',')[0]},{line.split(',')[2]}\n" for line in mine))  # fmt: skip
+    ratings.write_text(
+        "image,score\n"
+        + "".join(
+            f"{toy_assets.world / line.split(',')[0]},{line.split(',')[2]}\n" for line in mine
+        )
+    )
     user = resolve_taste(f"ratings:{ratings}", rewards)
     assert user.z.shape == (rewards.taste_dim,) and torch.isfinite(user.z).all()
     assert user.z.abs().sum() > 0  # moved off the prior mean
@@ -308,12 +353,25 @@ def test_a_social_head_replaces_the_mean_head_of_the_mean_objective(
     for image in sorted((toy_assets.world / "images").glob("*.png"))[:8]:
         shutil.copy(image, candidates / image.name)
     social = tmp_path / "social"
-    argv = ["social", "--heads", str(reward_run), "--rule", "borda", "--candidates",
-            str(candidates), "--out", str(social), "--voters", "60"]  # fmt: skip
+    argv = [
+        "social",
+        "--heads",
+        str(reward_run),
+        "--rule",
+        "borda",
+        "--candidates",
+        str(candidates),
+        "--out",
+        str(social),
+        "--voters",
+        "60",
+    ]
     with pytest.raises(SystemExit) as done:
         reward_models_main(argv)
     assert done.value.code == 0
-    cfg = toy_config(toy_assets, reward_run, tmp_path, "objective=mean", f"mean_head={social / 'head'}")
+    cfg = toy_config(
+        toy_assets, reward_run, tmp_path, "objective=mean", f"mean_head={social / 'head'}"
+    )
     trainer = Trainer(cfg)
     images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     features = trainer.rewards.features(images)
@@ -327,8 +385,7 @@ def test_a_social_head_replaces_the_mean_head_of_the_mean_objective(
 def test_lora_experts_give_each_cluster_its_own_block_and_reload_for_generation(
     toy_assets, reward_run, tmp_path
 ):
-    from plural_diffusion.evaluate import EvalConfig, generate
-    from plural_diffusion.sampling import SamplingConfig
+    from plural_diffusion.evaluate import EvalConfig, generate_per_taste
 
     cfg = toy_config(toy_assets, reward_run, tmp_path, "lora.experts=true", "epochs=2", "lr=0.01")
     trainer = Trainer(cfg)
@@ -343,8 +400,10 @@ def test_lora_experts_give_each_cluster_its_own_block_and_reload_for_generation(
     assert (gates[:, :3].diagonal() > 0.9).all() and (gates[:, 3] == 1).all(), gates
     # the saved policy generates through the same routing as the trainer
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
-    ev = EvalConfig(images_per_prompt=2, sampling=SamplingConfig(steps=6))
-    images = generate(str(toy_assets.base), ckpt / "policy", trainer.rewards, ev)
+    policy = TastePolicy.from_pretrained(str(toy_assets.base), ckpt / "policy")
+    settings = policy.settings()
+    assert settings.sampling.steps == 6  # as trained
+    images = generate_per_taste(policy, trainer.rewards, EvalConfig(images_per_prompt=2), settings)
     assert set(images) == {"noir", "sunny", "vivid"}
     assert (images["noir"] - images["sunny"]).abs().max() > 0.01
 
@@ -353,7 +412,9 @@ def test_lora_experts_give_each_cluster_its_own_block_and_reload_for_generation(
 def test_lora_experts_leave_the_taste_blind_objectives_one_lora(
     toy_assets, reward_run, tmp_path, objective
 ):
-    cfg = toy_config(toy_assets, reward_run, tmp_path, "lora.experts=true", f"objective={objective}")
+    cfg = toy_config(
+        toy_assets, reward_run, tmp_path, "lora.experts=true", f"objective={objective}"
+    )
     trainer = Trainer(cfg)  # one config trains every policy of the demo
     a = next(p for n, p in trainer.unet.named_parameters() if "lora_A" in n)
     assert a.shape[0] == cfg.lora.rank
@@ -376,8 +437,12 @@ def test_maxmin_scores_clusters_on_the_base_models_scale_tilted_toward_the_worst
     torch.testing.assert_close(reward, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_draft_kl_penalty_is_zero_for_the_fresh_adapter_and_logged(toy_assets, reward_run, tmp_path):
-    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "draft.kl_weight=10", "epochs=1"))
+def test_draft_kl_penalty_is_zero_for_the_fresh_adapter_and_logged(
+    toy_assets, reward_run, tmp_path
+):
+    trainer = Trainer(
+        toy_config(toy_assets, reward_run, tmp_path, "draft.kl_weight=10", "epochs=1")
+    )
     log = trainer.train_epoch()
     # the first batch is sampled by the zero-initialised LoRA: the policy is the base model
     assert log["kl_to_base"] == pytest.approx(0.0, abs=1e-10)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from test_trainer import toy_config
 
-import plural_diffusion.ddpo as ddpo_module
 from plural_diffusion.ddpo import Trainer, latest_checkpoint
 from plural_diffusion.sampling import decode_images
 
@@ -155,9 +154,9 @@ def test_taste_dropout_asks_the_policy_for_the_null_taste_scored_for_the_drawn_t
                      "ddpo.train_batch_size=6", "sampling.steps=4")  # fmt: skip
     trainer = Trainer(cfg)
     asked, scored = [], []
-    sample, reward = ddpo_module.sample, trainer._reward
+    sample, reward = trainer.policy.sample, trainer._reward
     monkeypatch.setattr(
-        ddpo_module, "sample", lambda *a, **k: asked.append(a[6]) or sample(*a, **k)
+        trainer.policy, "sample", lambda **k: asked.append(k["tastes"]) or sample(**k)
     )
     monkeypatch.setattr(trainer, "_reward", lambda im, z, t: scored.append(z) or reward(im, z, t))
     null_before = trainer.conditioner.null.detach().clone()

@@ -107,7 +107,7 @@ class ToyBaseConfig:
     # Prompt length in tokens (sot and eot included) = the text encoder's positions.
     max_length: int = 32
     # CPU threads while training. One: the machines this runs on are shared, and two OpenMP
-    # threads competing with other jobs for two cores were measured 5x slower than one.
+    # threads competing with other jobs for two cores spend their time waiting on each other.
     num_threads: int = 1
     text: ToyTextConfig = field(default_factory=ToyTextConfig)
     vae: ToyVAEConfig = field(default_factory=ToyVAEConfig)

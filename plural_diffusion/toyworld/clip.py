@@ -65,8 +65,7 @@ class ToyClipConfig:
     # every AdamW step walk 3.2M parameters that never receive a gradient.
     freeze_token_embedding: bool = True
     # The model is so small that per-op overhead dominates; one thread avoids OpenMP barrier
-    # waits (measured 8x slower per step on a busy 2-core CPU) and makes the weights independent
-    # of the machine's core count.
+    # waits and makes the weights independent of the machine's core count.
     num_threads: int = 1
     seed: int = 0  # images, initial weights and batch order
 

@@ -35,14 +35,21 @@ class ToyAssets:
 
 
 STAGES = ("world", "clip", "base")
-_WORLD = ("plural_diffusion.toyworld.images", "plural_diffusion.toyworld.raters",
-          "plural_diffusion.toyworld.ratings")  # fmt: skip
+_WORLD = (
+    "plural_diffusion.toyworld.images",
+    "plural_diffusion.toyworld.raters",
+    "plural_diffusion.toyworld.ratings",
+)
 # the modules each stage runs: an edit to them rebuilds the stage (see cache.code_fingerprint)
 STAGE_CODE = {
     "toy-world": _WORLD,
     "toy-clip": (*_WORLD, "plural_diffusion.toyworld.clip"),
-    "toy-base": (*_WORLD, "plural_diffusion.toyworld.base", "plural_diffusion.toyworld.vae",
-                 "plural_diffusion.toyworld.tokenizer"),  # fmt: skip
+    "toy-base": (
+        *_WORLD,
+        "plural_diffusion.toyworld.base",
+        "plural_diffusion.toyworld.vae",
+        "plural_diffusion.toyworld.tokenizer",
+    ),
 }
 
 
@@ -66,7 +73,9 @@ def prepare_toy(
 
     world = clip = base = None
     if "world" in stages:
-        world = stage("toy-world", cfg.world, lambda d: write_world(cfg.world, d, progress=progress))
+        world = stage(
+            "toy-world", cfg.world, lambda d: write_world(cfg.world, d, progress=progress)
+        )
     if "clip" in stages:
         clip = stage("toy-clip", cfg.clip, lambda d: train_toy_clip(cfg.clip, d, progress=progress))
     if "base" in stages:

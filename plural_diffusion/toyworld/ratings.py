@@ -95,7 +95,9 @@ def simulate_ratings(cfg: ToyWorldConfig, images: ToyImageSet, raters: GoldRater
     for r in range(len(raters)):
         seen = torch.randperm(cfg.n_images, generator=g)[: cfg.scores_per_rater]
         latent = 1.0 + 8.0 * utility[seen, r]  # the rater's 1..9 impression
-        noisy = offset[r] + scale[r] * latent + cfg.score_noise * torch.randn(len(seen), generator=g)
+        noisy = (
+            offset[r] + scale[r] * latent + cfg.score_noise * torch.randn(len(seen), generator=g)
+        )
         score = noisy.round().clamp(0, 10) + 0.0  # + 0.0 turns -0.0 into 0.0
         score_rows += [(int(i), r, float(s)) for i, s in zip(seen, score)]
         a = torch.randint(cfg.n_images, (cfg.pairs_per_rater,), generator=g)

@@ -135,9 +135,15 @@ def load_para(
         df, meta = join_rater_info(df, info_path, key="userId")
     root = Path(image_root) if image_root is not None else _default_root(csv, "imgs")
     return score_data(
-        df, root, csv, score_range=score_range, check_images=check_images, on_error=on_error,
-        known_raters=known_raters, meta_columns=meta,
-    )  # fmt: skip
+        df,
+        root,
+        csv,
+        score_range=score_range,
+        check_images=check_images,
+        on_error=on_error,
+        known_raters=known_raters,
+        meta_columns=meta,
+    )
 
 
 def load_flickr_aes(
@@ -156,9 +162,14 @@ def load_flickr_aes(
     df = raw.rename(columns={"worker": "rater_id", "imagePair": "image"})
     root = Path(image_root) if image_root is not None else _default_root(csv, "40K")
     return score_data(
-        df, root, csv, score_range=score_range, check_images=check_images, on_error=on_error,
+        df,
+        root,
+        csv,
+        score_range=score_range,
+        check_images=check_images,
+        on_error=on_error,
         known_raters=known_raters,
-    )  # fmt: skip
+    )
 
 
 def load_lapis(
@@ -182,9 +193,15 @@ def load_lapis(
     df["image"] = _flat_fallback(as_id_strings(df["image"]), root)
     meta = [c for c in df.columns if c in LAPIS_RATER_COLUMNS or c.startswith(LAPIS_RATER_PREFIXES)]
     return score_data(
-        df, root, csv, score_range=score_range, check_images=check_images, on_error=on_error,
-        known_raters=known_raters, meta_columns=meta,
-    )  # fmt: skip
+        df,
+        root,
+        csv,
+        score_range=score_range,
+        check_images=check_images,
+        on_error=on_error,
+        known_raters=known_raters,
+        meta_columns=meta,
+    )
 
 
 def _flat_fallback(names: pd.Series, root: Path) -> pd.Series:

@@ -103,8 +103,12 @@ def image_folder(json_path: Path, pairs: pd.DataFrame) -> Path:
     example = f" (e.g. {sample[0]!r})" if sample else ""
     logger.info(
         "%s: image paths%s are relative to %s, which holds %d of %d sampled",
-        json_path, example, root, found[root], len(sample),
-    )  # fmt: skip
+        json_path,
+        example,
+        root,
+        found[root],
+        len(sample),
+    )
     return root
 
 
@@ -185,8 +189,10 @@ def _rankings(rec: dict) -> list[tuple]:
     """(user_hash, rank) of each annotator, or the record's own when it names one user."""
     raw = next((rec[k] for k in RAW_KEYS if k in rec), None)
     if isinstance(raw, list) and raw:
-        return [(a.get("user_hash"), a.get("rank")) if isinstance(a, dict) else (None, None)
-                for a in raw]  # fmt: skip
+        return [
+            (a.get("user_hash"), a.get("rank")) if isinstance(a, dict) else (None, None)
+            for a in raw
+        ]
     if rec.get("user_hash") is not None:
         return [(rec["user_hash"], rec.get("rank"))]
     return []

@@ -65,9 +65,15 @@ def load_scores(
         df, meta = adapters.join_rater_info(df, Path(rater_info), key="rater_id")
     root = Path(image_root) if image_root is not None else path.parent
     return adapters.score_data(
-        df, root, path, score_range=score_range, check_images=check_images, on_error=on_error,
-        known_raters=known_raters, meta_columns=meta,
-    )  # fmt: skip
+        df,
+        root,
+        path,
+        score_range=score_range,
+        check_images=check_images,
+        on_error=on_error,
+        known_raters=known_raters,
+        meta_columns=meta,
+    )
 
 
 def load_pairs(
@@ -89,9 +95,13 @@ def load_pairs(
         df, meta = adapters.join_rater_info(df, Path(rater_info), key="rater_id")
     root = Path(image_root) if image_root is not None else path.parent
     table, report = build_pair_table(
-        df, root, check_images=check_images, on_error=on_error, known_raters=known_raters,
+        df,
+        root,
+        check_images=check_images,
+        on_error=on_error,
+        known_raters=known_raters,
         meta_columns=meta,
-    )  # fmt: skip
+    )
     announce(path, report)
     return RatingData(pairs=table, report=report)
 

@@ -25,20 +25,24 @@ def summarize(data: RatingData) -> dict:
     return {
         "raters": len(per_rater),
         "images": len(data.images),
-        "ratings_per_rater": None if counts.size == 0 else {
-            "min": int(counts.min()), "median": float(np.median(counts)), "max": int(counts.max())
+        "ratings_per_rater": None
+        if counts.size == 0
+        else {
+            "min": int(counts.min()),
+            "median": float(np.median(counts)),
+            "max": int(counts.max()),
         },
         "scores": 0 if scores is None else len(scores),
-        "score_range": None if scores is None or len(scores) == 0 else [
-            float(scores.scores.min()), float(scores.scores.max())
-        ],
+        "score_range": None
+        if scores is None or len(scores) == 0
+        else [float(scores.scores.min()), float(scores.scores.max())],
         "pairs": 0 if pairs is None else len(pairs),
         "ties": 0 if pairs is None else int(pairs.ties.sum()),
         "image_root": str(data.tables()[0].image_root) if data.tables() else None,
         "rows_read": data.report.rows_read,
         "rows_kept": data.report.rows_kept,
         "skipped": dict(sorted(data.report.skipped.items())),
-    }  # fmt: skip
+    }
 
 
 def format_summary(source, layout: str, summary: dict) -> str:
@@ -46,8 +50,9 @@ def format_summary(source, layout: str, summary: dict) -> str:
     per = summary["ratings_per_rater"]
     spread = "-" if per is None else f"min {per['min']}, median {per['median']:g}, max {per['max']}"
     observed = summary["score_range"]
-    scores = f"{summary['scores']}" + ("" if observed is None else
-                                       f" (from {observed[0]:g} to {observed[1]:g})")  # fmt: skip
+    scores = f"{summary['scores']}" + (
+        "" if observed is None else f" (from {observed[0]:g} to {observed[1]:g})"
+    )
     skipped = ", ".join(f"{n} {reason}" for reason, n in summary["skipped"].items()) or "none"
     rows = [
         ("raters", summary["raters"]),

@@ -1,7 +1,7 @@
 """Latent taste head (VPL-style): a user's few ratings -> a Gaussian posterior over taste z.
 
     head = build_head(LatentHeadConfig(feature_dim=512, taste_dim=8))
-    fit_latent(head, scores=ScoreSet(...), pairs=PairSet(...))    # reward_models.latent_fit
+    fit_latent(head, scores=ScoreSet(...), pairs=PairSet(...))    # reward_models.research.latent_fit
     posterior = head.infer(Context(features=x_k, scores=s_k))      # a user never seen in training
     reward = head.score(features, posterior.mean.expand(len(features), -1))
 
@@ -215,7 +215,7 @@ class LatentHead(RewardHead):
     def predict_rating(self, features: torch.Tensor, rater: torch.Tensor) -> torch.Tensor:
         raise UserError(
             "the latent head has no per-rater table for fit_head; train it with "
-            "reward_models.latent_fit.fit_latent and score with z = head.infer(context).mean"
+            "reward_models.research.latent_fit.fit_latent and score with z = head.infer(context).mean"
         )
 
     # ---- encoder ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 from reward_models.errors import UserError
-from reward_models.latent import LatentHead, TastePosterior
+from reward_models.research.latent import LatentHead, TastePosterior
 
 
 @torch.no_grad()

@@ -215,7 +215,7 @@ def ridge_kmeans_responsibilities(
     A rater's direction is the ridge regression of their centred scores on centred features,
     plus their mean preferred-minus-rejected feature difference from pairs, L2-normalised; the
     k-means label becomes a soft one-hot (0.9 + 0.1/K on the label). Used to start EM here and
-    the rater-grouped MDN (reward_models.mdn).
+    the rater-grouped MDN (reward_models.research.mdn).
     """
     return _ridge_kmeans(_gather(scores, pairs), n_groups, seed)
 

@@ -21,9 +21,14 @@ import torch
 from reward_models.data import RatingData, ScoreTable, few_shot, split_by_rater
 from reward_models.errors import UserError
 from reward_models.heads import build_head
-from reward_models.latent import Context, LatentHead, LatentHeadConfig
-from reward_models.latent_fit import LatentTrainConfig, fit_latent, group_by_user, user_examples
 from reward_models.metrics import pairwise_accuracy, spearman
+from reward_models.research.latent import Context, LatentHead, LatentHeadConfig
+from reward_models.research.latent_fit import (
+    LatentTrainConfig,
+    fit_latent,
+    group_by_user,
+    user_examples,
+)
 from reward_models.train import ScoreSet
 
 

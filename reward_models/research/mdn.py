@@ -19,7 +19,7 @@ Two likelihoods (`MDNTrainConfig.grouping`):
   sum_k w_rk prod_i N(s_ri | mu_k(x_i), sd_k(x_i)), with w_rk the mean of the image weights over
   r's images. Tying a rater's ratings to one component is what makes components line up with
   taste clusters (measured in benchmarks/few_shot_toy.py). It is a mixture over raters, so it has
-  EM's local optima: training starts from the same k-means start as `reward_models.mixture`
+  EM's local optima: training starts from the same k-means start as `reward_models.research.mixture`
   (held fixed for the first quarter of the epochs). On the toy world with 60 raters that start
   found the gold clusters from 3 of 3 seeds, an unstarted fit from 0 of 3 (it split the
   largest cluster and merged the two others).
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from reward_models.errors import UserError
 from reward_models.heads import RewardHead, register_head
-from reward_models.mixture import ridge_kmeans_responsibilities
+from reward_models.research.mixture import ridge_kmeans_responsibilities
 from reward_models.train import ScoreSet
 
 
@@ -121,7 +121,7 @@ class MDNTrainConfig:
     lr: float = 3e-3
     weight_decay: float = 1e-4
     # grouping="rater" starts from these rater responsibilities, held fixed for the first
-    # warm_start_fraction of the epochs: "ridge_kmeans" (as EM's start, reward_models.mixture)
+    # warm_start_fraction of the epochs: "ridge_kmeans" (as EM's start, reward_models.research.mixture)
     # or "none". Without a start, 60 ratings per rater make responsibilities hard from the first
     # step and the component that starts best takes every rater
     init: Literal["ridge_kmeans", "none"] = "ridge_kmeans"

@@ -1,4 +1,4 @@
-"""Train a latent taste head with an ELBO over users (evaluation: reward_models.latent_eval).
+"""Train a latent taste head with an ELBO over users (evaluation: reward_models.research.latent_eval).
 
     history = fit_latent(head, scores=ScoreSet(...), pairs=PairSet(...), cfg=LatentTrainConfig())
 
@@ -12,7 +12,7 @@ beta_t rises linearly from 0 to `kl_weight` over `kl_anneal_steps` (KL annealing
 learns to use z before the KL pulls the posteriors to the prior).
 
 The likelihood is the head's own (`LatentHeadConfig.likelihood`, offset-free; see
-reward_models.latent), and the head's `score_scale` is set here from the training scores.
+reward_models.research.latent), and the head's `score_scale` is set here from the training scores.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from reward_models.errors import UserError
-from reward_models.latent import Context, ContextBatch, LatentHead
+from reward_models.research.latent import Context, ContextBatch, LatentHead
 from reward_models.train import EarlyStopping, PairSet, ScoreSet
 
 
