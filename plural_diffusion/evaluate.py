@@ -288,11 +288,14 @@ def overoptimisation_curve(
     names = rewards.cluster_names
     seeds = cfg.seeds[: cfg.curve_images_per_prompt]
     curve = {"epochs": [], "reward_per_cluster": {n: [] for n in names}, "n_seeds": len(seeds)}
+    curve["vendi_within_taste"] = []  # mean over tastes: how many looks each taste gets
     if gold_fn is not None:
         curve["gold_per_cluster"] = {n: [] for n in names}
 
     def add(epoch: int, s: Scored) -> None:
         curve["epochs"].append(epoch)
+        within = [vendi_score(f) for f in s.features.values()]
+        curve["vendi_within_taste"].append(sum(within) / len(within))
         for k, n in enumerate(names):
             curve["reward_per_cluster"][n].append(s.for_cluster(s.learned, k, names).mean().item())
             if gold_fn is not None:

@@ -29,6 +29,7 @@ from plural_diffusion.visualize import (
     fig_cluster_bars,
     fig_cross_taste,
     fig_diversity,
+    fig_gold_vs_diversity,
     fig_overoptimisation,
     fig_win_rates,
     grid_png,
@@ -333,6 +334,18 @@ def _overoptimisation(metrics: dict) -> str:
                 ),
             )
         )
+        if gold and curve.get("vendi_within_taste"):
+            out.append(
+                _figure(
+                    fig_gold_vs_diversity(curve, names, policy),
+                    f"gold vs diversity of {policy}",
+                    f"<b>{_e(policy)}</b>: the gold utility it reaches (mean over clusters) against "
+                    "how many distinct looks each taste gets (Vendi score of the CLIP features "
+                    "within a taste, mean over tastes; 1 = one look), at each checkpoint. Training "
+                    "moves right; the further it drops, the more of the base model's variety "
+                    "the reward traded away.",
+                )
+            )
     return "".join(out)
 
 

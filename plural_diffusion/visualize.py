@@ -234,6 +234,26 @@ def fig_overoptimisation(curve: dict, names: list[str], policy: str) -> bytes:
     return figure_png(fig, dpi=110)
 
 
+def fig_gold_vs_diversity(curve: dict, names: list[str], policy: str) -> bytes:
+    """The gold-vs-diversity path of a run: mean gold over the clusters (x) against the mean
+    within-taste Vendi score (y) at each checkpoint, epochs labelled; epoch 0 is the base."""
+    plt = pyplot()
+    gold = [sum(v) / len(v) for v in zip(*(curve["gold_per_cluster"][n] for n in names))]
+    vendi = curve["vendi_within_taste"]
+    fig, ax = plt.subplots(figsize=(4.2, 3.2))
+    ax.plot(gold, vendi, "o-", color="#2563eb")
+    for epoch, x, y in zip(curve["epochs"], gold, vendi):
+        ax.annotate(str(epoch), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("gold utility (mean over clusters)")
+    ax.set_ylabel("Vendi within a taste (looks)")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(bottom=1.0)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.set_title(f"{policy}: gold vs diversity along training", fontsize=10)
+    fig.tight_layout()
+    return figure_png(fig, dpi=110)
+
+
 def grid_png(rows: list[torch.Tensor], labels: list[str], seeds: list[int], title: str) -> bytes:
     n = min(min(r.shape[0] for r in rows), 8)
     stacked = torch.stack([r[:n] for r in rows])  # [R, n, 3, H, W]

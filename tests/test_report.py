@@ -84,6 +84,7 @@ def synthetic_evaluation():
                 "gold_per_cluster": per_cluster(
                     [[0.6, 0.9, 0.9], [0.1, 0.8, 0.95], [0.04, 0.3, 0.5]]
                 ),
+                "vendi_within_taste": [2.4, 1.6, 1.2],
             }
         },
         "reward_heads": {
@@ -123,6 +124,7 @@ def test_report_is_one_self_contained_file(report_file):
         "Over-optimisation",
         "Images",
         "Reward heads",
+        "gold vs diversity of matched",
     ):
         assert section in page, section
 
