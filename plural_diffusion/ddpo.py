@@ -592,6 +592,8 @@ class Trainer:
             log["skipped_steps"] = self.epoch_skipped  # fp16 overflows
         if gold is not None:
             log["gold_per_cluster"] = gold.mean(dim=0).tolist()
+        if self.maxmin is not None:  # running standardised reward per cluster
+            log["maxmin_estimate"] = self.maxmin.estimate.tolist()
         return log
 
     # ------------------------------------------------------------------ checkpoints

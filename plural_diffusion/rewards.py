@@ -7,9 +7,9 @@ taste clusters, trained by `reward-models train`) and the CLIP model its feature
     mean     the mean head r(x): the baseline
     maxmin   the egalitarian objective (raise the worst-off group) for a taste-blind policy:
              each cluster's utility is standardised on the base model's own images
-             (`calibrate`), and each image is rewarded by the clusters it is relatively good
-             for, tilted toward those served worst so far (`NeedAssignment`): the policy can
-             become a mixture of looks, one per cluster, more of them for the worst-off
+             (`calibrate`), and each batch's images are shared out between the clusters in
+             equal parts, each image to the clusters it is relatively best for
+             (`NeedAssignment`): the policy becomes a mixture of looks, one per cluster
 
 With `penalty` k > 0 each reward becomes r - k * std, the std taken over an ensemble of rater
 heads (the run's own plus its `ensemble/` members, each fitted on a bootstrap of the ratings)
@@ -19,6 +19,7 @@ trustworthy, and that is where a policy over-optimises first.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -209,15 +210,20 @@ class NeedAssignment:
     """Which clusters each image of a taste-blind policy is rewarded for (maxmin).
 
     A taste-blind policy cannot serve every cluster with one look when their ideals conflict;
-    its egalitarian optimum is a mixture, some images for each cluster. Each image i is scored
-    by the clusters k it is relatively good for, tilted toward the clusters served worst:
+    its egalitarian optimum is a mixture, a share of its images for each cluster. Measured
+    alternatives that failed on some bases: rewarding every image by a softmin-weighted sum of
+    the clusters' utilities, or by the cluster that is worst-off in the batch, moves all images
+    the same way, and the policy ends in the one cluster whose ideal is nearest (worst cluster
+    below the base model's). Here each batch's images are split between the clusters in equal
+    shares, each image to the clusters it is relatively best for: a balanced (Sinkhorn)
+    assignment of the standardised scores s [B, K],
 
-        a_ik = softmax_k((s_ik - m_k) / temperature)        reward_i = sum_k a_ik s_ik
+        a = argmax_a sum_ik a_ik s_ik / temperature + entropy(a),  rows sum to 1, columns to B / K
 
-    s_ik is cluster k's standardised utility of image i and m_k a running estimate of the
-    batch mean of s_.k (how well k is served so far, over many batches, not re-picked per
-    batch). An image near one cluster's ideal climbs toward it; a cluster served worst draws
-    the images that are closest to it. The assignment carries no gradient.
+    and image i is rewarded sum_k a_ik s_ik. The noise that starts an image decides which look
+    it grows into; the worst-off cluster always has its share of images climbing toward it. The
+    assignment carries no gradient. `estimate` keeps running means of each cluster's
+    standardised reward, for the log.
     """
 
     def __init__(self, n_clusters: int, temperature: float = 0.5, momentum: float = 0.9):
@@ -239,10 +245,18 @@ class NeedAssignment:
         m = self.momentum
         self.estimate = m * self.estimate + (1 - m) * batch_mean.detach().float().cpu()
 
-    def assign(self, scores: torch.Tensor) -> torch.Tensor:
-        """Standardised scores [B, K] -> each image's weights on the clusters [B, K]."""
-        need = self.estimate.to(scores)
-        return torch.softmax((scores.detach() - need) / self.temperature, dim=1)
+    @torch.no_grad()
+    def assign(self, scores: torch.Tensor, iterations: int = 100) -> torch.Tensor:
+        """Standardised scores [B, K] -> each image's weights on the clusters [B, K] (rows sum
+        to 1, each cluster's column to B / K)."""
+        log_p = scores.detach().double() / self.temperature  # Sinkhorn in log space
+        batch, k = log_p.shape
+        log_col = torch.full((k,), math.log(batch / k), dtype=log_p.dtype, device=log_p.device)
+        for _ in range(iterations):
+            log_p = log_p - log_p.logsumexp(dim=1, keepdim=True)  # each image's weights sum to 1
+            log_p = log_p - log_p.logsumexp(dim=0) + log_col  # each cluster gets B / K
+        log_p = log_p - log_p.logsumexp(dim=1, keepdim=True)
+        return log_p.exp().to(scores.dtype)
 
     def state_dict(self) -> dict:
         return {"estimate": self.estimate.tolist()}

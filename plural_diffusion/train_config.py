@@ -95,9 +95,9 @@ class DraftSettings:
 @dataclass
 class MaxminSettings:
     # objective=maxmin: each cluster's head is standardised on the base model's own images
-    # (this many batches, drawn at the start), so "worst-off" compares like with like; each
-    # image is rewarded by the clusters it is relatively good for, tilted toward those served
-    # worst by running estimates (`rewards.NeedAssignment`)
+    # (this many batches, drawn at the start), so clusters compare like with like; each
+    # batch's images are shared out between the clusters in equal parts, each image to the
+    # clusters it is relatively best for (`rewards.NeedAssignment`)
     calibration_batches: int = 2
     temperature: float = 0.5  # of the assignment, in standard deviations of the base's scores
     momentum: float = 0.9  # of the running per-cluster estimates
