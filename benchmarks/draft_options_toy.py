@@ -43,9 +43,12 @@ def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
     policy = TastePolicy(trainer.pipe, conditioner, sampling=trainer.cfg.sampling)
     with disable_adapters(trainer.unet) if base else contextlib.nullcontext():
         traj = policy.sample(
-            prompt_embeds=embeds, negative_embeds=negative, tastes=None if base else z,
-            noise=noise, generator=g,
-        )  # fmt: skip
+            prompt_embeds=embeds,
+            negative_embeds=negative,
+            tastes=None if base else z,
+            noise=noise,
+            generator=g,
+        )
     scores = gold(traj.images)  # [n, K]
     features = trainer.rewards.features(traj.images)
     if trainer.tastes is None or base:
@@ -59,7 +62,7 @@ def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", help='one quoted set of train overrides per run')
+    parser.add_argument("runs", nargs="+", help="one quoted set of train overrides per run")
     parser.add_argument("--reward-overrides", nargs="*", default=[])
     parser.add_argument("--base-seed", type=int, default=None, help="toy base seed")
     args = parser.parse_args()
@@ -72,10 +75,18 @@ def main() -> None:
     run = stage_rewards(cfg, assets, cache_root())
     gold = gold_in_head_order(load_world(assets.world), TasteRewards(str(run)).cluster_names)
     for overrides in args.runs:
-        tcfg = load_config(TrainConfig, CONFIGS / "toy.yaml", [
-            f"base={assets.base}", f"rewards={run}", "tensorboard=false", "save_every=1000",
-            f"out_dir=runs/bench/draft_options/{overrides.replace(' ', '_')}", *overrides.split(),
-        ])  # fmt: skip
+        tcfg = load_config(
+            TrainConfig,
+            CONFIGS / "toy.yaml",
+            [
+                f"base={assets.base}",
+                f"rewards={run}",
+                "tensorboard=false",
+                "save_every=1000",
+                f"out_dir=runs/bench/draft_options/{overrides.replace(' ', '_')}",
+                *overrides.split(),
+            ],
+        )
         trainer = Trainer(tcfg, gold_fn=gold)
         if overrides == args.runs[0]:
             gold_base, vendi_base = held_out(trainer, gold, base=True)

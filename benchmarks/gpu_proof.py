@@ -51,13 +51,31 @@ from reward_models.workflow import train as train_rewards
 RESULTS = Path(__file__).resolve().parent / "results"
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets.
 # Matched in this order, as substrings of torch.cuda.get_device_name ("NVIDIA H100 PCIe").
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0,
-                    "L40S": 362.0, "L4": 121.0, "4090": 165.2}  # fmt: skip
+BF16_PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "4090": 165.2,
+}
 PHASES = (
-    "dtypes", "attention", "sampling", "decode", "reward", "ddpo_minibatch", "draft_step",
-    "epochs", "sampler_vs_pipeline", "unet_tflops", "log_prob_by_precision", "reward_precision",
-    "fp16_gradients", "cuda_generators",
-)  # fmt: skip
+    "dtypes",
+    "attention",
+    "sampling",
+    "decode",
+    "reward",
+    "ddpo_minibatch",
+    "draft_step",
+    "epochs",
+    "sampler_vs_pipeline",
+    "unet_tflops",
+    "log_prob_by_precision",
+    "reward_precision",
+    "fp16_gradients",
+    "cuda_generators",
+)
 
 
 def bf16_peak(card: str) -> float | None:
@@ -131,8 +149,10 @@ def random_clip_dir(out: Path, smoke: bool) -> Path:
         register_toy_clip()
     torch.manual_seed(0)
     model = open_clip.create_model(name, pretrained=None)
-    config = {"model_cfg": open_clip.get_model_config(name),
-              "preprocess_cfg": open_clip.get_model_preprocess_cfg(model)}  # fmt: skip
+    config = {
+        "model_cfg": open_clip.get_model_config(name),
+        "preprocess_cfg": open_clip.get_model_preprocess_cfg(model),
+    }
     save_tensors(out / WEIGHTS_FILE, model.state_dict())
     write_json(out / CONFIG_FILE, config)
     return out
@@ -143,11 +163,19 @@ def reward_run(work: Path, clip_dir: Path, device: str) -> Path:
     directions of a random tower: the heads are for shapes and timings, not for taste)."""
     demo = load_config(DemoConfig, CONFIGS / "demo-fast.yaml")
     world = prepare_toy(demo.prepare, root=work / "stages", progress=False, stages=("world",)).world
-    cfg = load_config(RewardTrainConfig, CONFIGS / "reward-toy.yaml", [
-        f"data.path={world}", f"data.rater_info={world / 'raters.csv'}",
-        f"clip.model=local-dir:{clip_dir}", f"clip.device={device}",
-        f"clip.cache_dir={work / 'features'}", "train.epochs=10", f"out_dir={work / 'rm'}",
-    ])  # fmt: skip
+    cfg = load_config(
+        RewardTrainConfig,
+        CONFIGS / "reward-toy.yaml",
+        [
+            f"data.path={world}",
+            f"data.rater_info={world / 'raters.csv'}",
+            f"clip.model=local-dir:{clip_dir}",
+            f"clip.device={device}",
+            f"clip.cache_dir={work / 'features'}",
+            "train.epochs=10",
+            f"out_dir={work / 'rm'}",
+        ],
+    )
     train_rewards(cfg)
     return work / "rm"
 
@@ -159,10 +187,18 @@ def make_trainer(base: Path, rewards: Path, out: Path, smoke: bool, *overrides: 
 
     AcceleratorState._reset_state(True)
     small = ["sampling.steps=2", "resolution=64"] if smoke else []
-    cfg = load_config(TrainConfig, CONFIGS / "sd15.yaml", [
-        f"base={base}", f"rewards={rewards}", f"out_dir={out}", "tensorboard=false",
-        *small, *overrides,
-    ])  # fmt: skip
+    cfg = load_config(
+        TrainConfig,
+        CONFIGS / "sd15.yaml",
+        [
+            f"base={base}",
+            f"rewards={rewards}",
+            f"out_dir={out}",
+            "tensorboard=false",
+            *small,
+            *overrides,
+        ],
+    )
     return Trainer(cfg)
 
 
@@ -179,10 +215,18 @@ def sample_batch(trainer: Trainer, batch: int, grad_last_steps: int = 0):
     embeds, negative = trainer._embeds(prompt)
     with torch.set_grad_enabled(grad_last_steps > 0), trainer.accelerator.autocast():
         traj = sample(
-            trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler, embeds,
-            negative, trainer._policy_taste(z, taste), trainer.cfg.sampling,
-            generator=trainer.generator, init_latents=noise, grad_last_steps=grad_last_steps,
-        )  # fmt: skip
+            trainer.unet,
+            trainer.conditioner,
+            trainer.pipe.vae,
+            trainer.pipe.scheduler,
+            embeds,
+            negative,
+            trainer._policy_taste(z, taste),
+            trainer.cfg.sampling,
+            generator=trainer.generator,
+            init_latents=noise,
+            grad_last_steps=grad_last_steps,
+        )
     return prompt, taste, z, traj
 
 
@@ -195,14 +239,23 @@ def step_log_probs(trainer: Trainer, traj, z, rows: torch.Tensor, steps: list[in
         with torch.set_grad_enabled(grad):
             with trainer.accelerator.autocast():
                 pred = guided_noise(
-                    trainer.unet, trainer.conditioner, traj.latents[rows, j], traj.timesteps[j],
-                    traj.prompt_embeds[rows], traj.negative_embeds[rows],
-                    None if z is None else z[rows], trainer.cfg.sampling.guidance_scale,
-                )  # fmt: skip
+                    trainer.unet,
+                    trainer.conditioner,
+                    traj.latents[rows, j],
+                    traj.timesteps[j],
+                    traj.prompt_embeds[rows],
+                    traj.negative_embeds[rows],
+                    None if z is None else z[rows],
+                    trainer.cfg.sampling.guidance_scale,
+                )
             _, log_prob = ddim_step_with_logprob(
-                trainer.pipe.scheduler, pred, traj.timesteps[j], traj.latents[rows, j],
-                eta=trainer.cfg.sampling.eta, prev_sample=traj.latents[rows, j + 1],
-            )  # fmt: skip
+                trainer.pipe.scheduler,
+                pred,
+                traj.timesteps[j],
+                traj.latents[rows, j],
+                eta=trainer.cfg.sampling.eta,
+                prev_sample=traj.latents[rows, j + 1],
+            )
             if grad:
                 ratio = torch.exp(log_prob - traj.log_probs[rows, j])
                 trainer.accelerator.backward(-ratio.mean() / len(steps))
@@ -239,11 +292,16 @@ def run(args) -> None:
     phases = set(args.phases.split(",")) if args.phases else set(PHASES)
     proof = Proof(out, device, phases)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-    proof.results.update({
-        "card": card or "cpu", "smoke": smoke, "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d"), "clip_model": "toy-clip" if smoke else "ViT-L-14",
-        "sd15_size": dataclasses.asdict(SD15_CPU if smoke else SD15_FULL),
-    })  # fmt: skip
+    proof.results.update(
+        {
+            "card": card or "cpu",
+            "smoke": smoke,
+            "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d"),
+            "clip_model": "toy-clip" if smoke else "ViT-L-14",
+            "sd15_size": dataclasses.asdict(SD15_CPU if smoke else SD15_FULL),
+        }
+    )
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-proof-"))
     t0 = time.perf_counter()
     base = work / "sd15"
@@ -269,22 +327,29 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
     """Every phase at sd15.yaml's settings (bf16), on one trainer."""
     cfg, device = trainer.cfg, proof.device
     proof.results["settings"] = {
-        "mixed_precision": cfg.mixed_precision, "steps": cfg.sampling.steps,
+        "mixed_precision": cfg.mixed_precision,
+        "steps": cfg.sampling.steps,
         "resolution": trainer.latent_size * trainer.pipe.vae_scale_factor,
-        "guidance_scale": cfg.sampling.guidance_scale, "clip_range": cfg.ddpo.clip_range,
+        "guidance_scale": cfg.sampling.guidance_scale,
+        "clip_range": cfg.ddpo.clip_range,
         "train_batch_size": cfg.ddpo.train_batch_size,
-    }  # fmt: skip
+    }
 
     card = proof.results["card"]
     with proof.phase("dtypes") as r:
         if r is not None:
             lora = next(p for n, p in trainer.unet.named_parameters() if "lora_A" in n)
-            r.update({"unet": dtype_name(trainer.unet.conv_in.weight),
-                      "vae": dtype_name(trainer.pipe.vae.decoder.conv_in.weight),
-                      "text_encoder": dtype_name(next(trainer.pipe.text_encoder.parameters())),
-                      "lora": dtype_name(lora), "taste_module": dtype_name(trainer.conditioner.null),
-                      "reward_clip": dtype_name(next(trainer.rewards.encoder.model.parameters())),
-                      "tf32_matmul": torch.get_float32_matmul_precision()})  # fmt: skip
+            r.update(
+                {
+                    "unet": dtype_name(trainer.unet.conv_in.weight),
+                    "vae": dtype_name(trainer.pipe.vae.decoder.conv_in.weight),
+                    "text_encoder": dtype_name(next(trainer.pipe.text_encoder.parameters())),
+                    "lora": dtype_name(lora),
+                    "taste_module": dtype_name(trainer.conditioner.null),
+                    "reward_clip": dtype_name(next(trainer.rewards.encoder.model.parameters())),
+                    "tf32_matmul": torch.get_float32_matmul_precision(),
+                }
+            )
 
     with proof.phase("attention") as r:
         if r is not None:
@@ -294,14 +359,25 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if proof.cuda else [])
             with profile(activities=activities) as prof, torch.no_grad():
                 with trainer.accelerator.autocast():
-                    unet_forward(trainer.unet, trainer.conditioner, traj.latents[:, 0],
-                                 traj.timesteps[0], traj.prompt_embeds, z)  # fmt: skip
+                    unet_forward(
+                        trainer.unet,
+                        trainer.conditioner,
+                        traj.latents[:, 0],
+                        traj.timesteps[0],
+                        traj.prompt_embeds,
+                        z,
+                    )
                 proof.sync()
             names = {e.key for e in prof.key_averages()}
             r["sdpa_ops"] = sorted(n for n in names if "scaled_dot_product" in n)
-            r["kernels"] = sorted(n[:80] for n in names if any(
-                k in n.lower() for k in ("flash", "fmha", "efficient_attention", "cudnn_attention",
-                                         "xformers")))[:10]  # fmt: skip
+            r["kernels"] = sorted(
+                n[:80]
+                for n in names
+                if any(
+                    k in n.lower()
+                    for k in ("flash", "fmha", "efficient_attention", "cudnn_attention", "xformers")
+                )
+            )[:10]
             r["processors"] = sorted(
                 {type(p).__name__ for p in trainer.unet.attn_processors.values()}
             )
@@ -310,8 +386,14 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
     with proof.phase("sampling") as r:
         if r is not None:
             (_, taste, z, traj), seconds = proof.timed(lambda: sample_batch(trainer, batch))
-            r.update({"images": batch, "steps": cfg.sampling.steps, "seconds": round(seconds, 3),
-                      "images_per_s": round(batch / seconds, 3)})  # fmt: skip
+            r.update(
+                {
+                    "images": batch,
+                    "steps": cfg.sampling.steps,
+                    "seconds": round(seconds, 3),
+                    "images_per_s": round(batch / seconds, 3),
+                }
+            )
     with proof.phase("decode") as r:
         if r is not None:
             with torch.no_grad(), trainer.accelerator.autocast():
@@ -323,8 +405,13 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
         if r is not None:
             with torch.no_grad():
                 reward, seconds = proof.timed(lambda: trainer._reward(traj.images, z, taste))
-            r.update({"images": batch, "seconds": round(seconds, 4),
-                      "finite": bool(torch.isfinite(reward).all())})  # fmt: skip
+            r.update(
+                {
+                    "images": batch,
+                    "seconds": round(seconds, 4),
+                    "finite": bool(torch.isfinite(reward).all()),
+                }
+            )
 
     for checkpointing in (False, True):
         with proof.phase(f"ddpo_minibatch{'_unet_checkpointing' if checkpointing else ''}") as r:
@@ -352,8 +439,9 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
                 trainer.unet.train()
                 reward, seconds = proof.timed(lambda: draft_step(trainer, cfg.draft.batch_size))
                 trainer.pipe.vae.disable_gradient_checkpointing()
-                r.update({"batch": cfg.draft.batch_size, "seconds": round(seconds, 3),
-                          "reward": reward})  # fmt: skip
+                r.update(
+                    {"batch": cfg.draft.batch_size, "seconds": round(seconds, 3), "reward": reward}
+                )
 
     with proof.phase("epochs") as r:
         if r is not None:
@@ -376,18 +464,28 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
 
             plain = load_pipeline(base, dtype=trainer.pipe.unet.dtype, device=device)
             size = trainer.latent_size * trainer.pipe.vae_scale_factor
-            kwargs = dict(prompt=[cfg.prompts[0]] * batch, num_inference_steps=cfg.sampling.steps,
-                          guidance_scale=cfg.sampling.guidance_scale, eta=cfg.sampling.eta,
-                          height=size, width=size, output_type="pt",
-                          generator=torch.Generator().manual_seed(0))  # fmt: skip
+            kwargs = dict(
+                prompt=[cfg.prompts[0]] * batch,
+                num_inference_steps=cfg.sampling.steps,
+                guidance_scale=cfg.sampling.guidance_scale,
+                eta=cfg.sampling.eta,
+                height=size,
+                width=size,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(0),
+            )
             with torch.no_grad():
                 plain(**kwargs)  # warm-up
                 _, theirs = proof.timed(lambda: plain(**kwargs), repeats=2)
             del plain
             release()
-            r.update({"trainer_images_per_s": round(batch / ours, 3),
-                      "pipeline_images_per_s": round(batch / theirs, 3),
-                      "trainer_over_pipeline": round(theirs / ours, 3)})  # fmt: skip
+            r.update(
+                {
+                    "trainer_images_per_s": round(batch / ours, 3),
+                    "pipeline_images_per_s": round(batch / theirs, 3),
+                    "trainer_over_pipeline": round(theirs / ours, 3),
+                }
+            )
 
     with proof.phase("unet_tflops") as r:
         if r is not None:
@@ -397,9 +495,16 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
 
             def forward():
                 with torch.no_grad(), trainer.accelerator.autocast():
-                    return guided_noise(trainer.unet, trainer.conditioner, x, traj.timesteps[0],
-                                        traj.prompt_embeds, traj.negative_embeds, z,
-                                        cfg.sampling.guidance_scale)  # fmt: skip
+                    return guided_noise(
+                        trainer.unet,
+                        trainer.conditioner,
+                        x,
+                        traj.timesteps[0],
+                        traj.prompt_embeds,
+                        traj.negative_embeds,
+                        z,
+                        cfg.sampling.guidance_scale,
+                    )
 
             counter = FlopCounterMode(display=False)
             with counter:
@@ -408,20 +513,31 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             _, seconds = proof.timed(forward, repeats=5)
             tflops = counter.get_total_flops() / seconds / 1e12
             peak = bf16_peak(card) if proof.cuda else None
-            r.update({"batch_with_cfg": 2 * len(x), "tflop_per_forward":
-                      round(counter.get_total_flops() / 1e12, 3), "seconds": round(seconds, 4),
-                      "tflops": round(tflops, 2), "bf16_peak_tflops": peak,
-                      "share_of_peak": None if peak is None else round(tflops / peak, 3)})  # fmt: skip
+            r.update(
+                {
+                    "batch_with_cfg": 2 * len(x),
+                    "tflop_per_forward": round(counter.get_total_flops() / 1e12, 3),
+                    "seconds": round(seconds, 4),
+                    "tflops": round(tflops, 2),
+                    "bf16_peak_tflops": peak,
+                    "share_of_peak": None if peak is None else round(tflops / peak, 3),
+                }
+            )
 
     with proof.phase("reward_precision") as r:
         if r is not None:
             with torch.no_grad():
                 fp32 = trainer._reward(traj.images, z, taste)
                 with torch.autocast(device.type, dtype=torch.bfloat16):
-                    bf16 = trainer.rewards.reward(traj.images, z, cfg.objective,
-                                                  taste_index=taste % len(trainer.taste_names))  # fmt: skip
-            r.update({"max_abs_diff_bf16_vs_fp32": float((bf16.float() - fp32).abs().max()),
-                      "reward_std_in_batch": float(fp32.std())})  # fmt: skip
+                    bf16 = trainer.rewards.reward(
+                        traj.images, z, cfg.objective, taste_index=taste % len(trainer.taste_names)
+                    )
+            r.update(
+                {
+                    "max_abs_diff_bf16_vs_fp32": float((bf16.float() - fp32).abs().max()),
+                    "reward_std_in_batch": float(fp32.std()),
+                }
+            )
 
     with proof.phase("cuda_generators") as r:
         if r is not None:  # a CPU generator drawing for CUDA tensors (it used to crash)
@@ -429,12 +545,24 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             embeds, negative = trainer._embeds(prompt)
             small = dataclasses.replace(cfg.sampling, steps=2)
             with torch.no_grad(), trainer.accelerator.autocast():
-                t = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae,
-                           trainer.pipe.scheduler, embeds, negative, z8, small,
-                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+                t = sample(
+                    trainer.unet,
+                    trainer.conditioner,
+                    trainer.pipe.vae,
+                    trainer.pipe.scheduler,
+                    embeds,
+                    negative,
+                    z8,
+                    small,
+                    generator=torch.Generator().manual_seed(0),
+                )
             dropped = trainer.conditioner.drop_taste(z8, 0.5, torch.Generator().manual_seed(0))
-            r.update({"sample_without_init_latents": str(t.images.device),
-                      "drop_taste": str(dropped.device)})  # fmt: skip
+            r.update(
+                {
+                    "sample_without_init_latents": str(t.images.device),
+                    "drop_taste": str(dropped.device),
+                }
+            )
 
 
 def precision_phases(proof: Proof, base: Path, rewards: Path, work: Path, smoke: bool, batch):
@@ -453,9 +581,12 @@ def precision_phases(proof: Proof, base: Path, rewards: Path, work: Path, smoke:
                 stored = tr.log_probs[rows][:, steps].T
                 diff = (recomputed - stored).abs()
                 clip = t.cfg.ddpo.clip_range
-                r[mp] = {"max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
-                         "clip_range": clip,
-                         "share_outside_clip": float(((diff.exp() - 1).abs() > clip).float().mean())}  # fmt: skip
+                r[mp] = {
+                    "max_abs_diff": float(diff.max()),
+                    "mean_abs_diff": float(diff.mean()),
+                    "clip_range": clip,
+                    "share_outside_clip": float(((diff.exp() - 1).abs() > clip).float().mean()),
+                }
                 del t, tr
                 release()
 
@@ -464,14 +595,26 @@ def precision_phases(proof: Proof, base: Path, rewards: Path, work: Path, smoke:
             if not proof.cuda:
                 r["skipped"] = "fp16 needs CUDA"
             else:
-                t = make_trainer(base, rewards, work / "fp16-train", smoke, "mixed_precision=fp16",
-                                 "ddpo.sample_batches=1", "ddpo.sample_batch_size=4",
-                                 "ddpo.gradient_accumulation=1")  # fmt: skip
+                t = make_trainer(
+                    base,
+                    rewards,
+                    work / "fp16-train",
+                    smoke,
+                    "mixed_precision=fp16",
+                    "ddpo.sample_batches=1",
+                    "ddpo.sample_batch_size=4",
+                    "ddpo.gradient_accumulation=1",
+                )
                 log = t.train_epoch()
                 norm = torch.cat([p.grad.flatten() for p in t.params if p.grad is not None]).norm()
-                r.update({"loss": log["loss"], "skipped_steps": log.get("skipped_steps"),
-                          "grad_norm_finite": bool(torch.isfinite(norm)),
-                          "loss_scale": t.accelerator.scaler.get_scale()})  # fmt: skip
+                r.update(
+                    {
+                        "loss": log["loss"],
+                        "skipped_steps": log.get("skipped_steps"),
+                        "grad_norm_finite": bool(torch.isfinite(norm)),
+                        "loss_scale": t.accelerator.scaler.get_scale(),
+                    }
+                )
                 del t
                 release()
 

@@ -78,11 +78,22 @@ def main(argv=None) -> None:
     assets = prepare_toy(demo.prepare, root=cache, progress=False)
     rewards = stage_rewards(demo, assets, cache)
     out_dir = tempfile.mkdtemp()
-    cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", [
-        f"base={assets.base}", f"rewards={rewards}", f"out_dir={out_dir}", "method=ddpo",
-        "tensorboard=false", "sampling.steps=10", "ddpo.sample_batch_size=12",
-        "ddpo.sample_batches=1", "ddpo.train_batch_size=6", "ddpo.inner_epochs=1",
-    ])  # fmt: skip
+    cfg = load_config(
+        TrainConfig,
+        CONFIGS / "toy.yaml",
+        [
+            f"base={assets.base}",
+            f"rewards={rewards}",
+            f"out_dir={out_dir}",
+            "method=ddpo",
+            "tensorboard=false",
+            "sampling.steps=10",
+            "ddpo.sample_batch_size=12",
+            "ddpo.sample_batches=1",
+            "ddpo.train_batch_size=6",
+            "ddpo.inner_epochs=1",
+        ],
+    )
     trainer = Trainer(cfg)
     unet, conditioner = trainer.unet, trainer.conditioner
     latents = torch.randn(12, 4, 8, 8)

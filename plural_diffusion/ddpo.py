@@ -150,10 +150,15 @@ class Trainer:
         self.tastes, self.taste_names, self.taste_weights = self._taste_table()
         # what is trained and saved: the LoRA, the taste module, and how it samples
         self.policy = TastePolicy(
-            self.pipe, self.conditioner, sampling=cfg.sampling,
-            negative_prompt=cfg.negative_prompt, taste_space=self.rewards.space,
-            taste_names=self.taste_names, base=cfg.base, config=to_dict(cfg),
-        )  # fmt: skip
+            self.pipe,
+            self.conditioner,
+            sampling=cfg.sampling,
+            negative_prompt=cfg.negative_prompt,
+            taste_space=self.rewards.space,
+            taste_names=self.taste_names,
+            base=cfg.base,
+            config=to_dict(cfg),
+        )
         self.params = trainable_parameters(self.unet, self.conditioner)
         # prepared: accelerate's wrapper unscales fp16 gradients (clip_grad_norm_) and skips a
         # step whose gradients overflowed. Not the UNet: its LoRA gradients are averaged over
@@ -164,8 +169,11 @@ class Trainer:
         self.tracker = PerKeyStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count)
         self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
         # grouped sampling: the rest of a group (prompt, taste, initial noise) a batch cut off
-        self.pending = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                        torch.zeros(0, *self._latent_shape()))  # fmt: skip
+        self.pending = (
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, dtype=torch.long),
+            torch.zeros(0, *self._latent_shape()),
+        )
         self.skipped_steps = 0  # consecutive fp16 steps skipped on overflow
         self.epoch_skipped = 0  # fp16 steps skipped in this epoch
         self.epoch = 0
@@ -208,9 +216,12 @@ class Trainer:
                 embeds, negative = self._embeds(prompt)
                 with self.accelerator.autocast():
                     traj = self.policy.sample(
-                        prompt_embeds=embeds, negative_embeds=negative, tastes=None,
-                        noise=noise, generator=self.generator,
-                    )  # fmt: skip
+                        prompt_embeds=embeds,
+                        negative_embeds=negative,
+                        tastes=None,
+                        noise=noise,
+                        generator=self.generator,
+                    )
                 images.append(traj.images.float())
         finally:
             self.generator = generator
@@ -233,8 +244,12 @@ class Trainer:
         """For each cluster index [B]: one of its raters at random, then a taste drawn from
         that rater's posterior, [B, d]."""
         g, r = self.generator, self.rewards
-        rater = torch.stack([m[torch.randint(len(m), (1,), generator=g)][0]
-                             for m in (r.cluster_members[int(k)] for k in cluster)])  # fmt: skip
+        rater = torch.stack(
+            [
+                m[torch.randint(len(m), (1,), generator=g)][0]
+                for m in (r.cluster_members[int(k)] for k in cluster)
+            ]
+        )
         mean, var = r.rater_tastes[rater], r.rater_taste_var[rater]
         return mean + var.sqrt() * torch.randn(mean.shape, generator=g).to(mean.device)
 
@@ -325,11 +340,14 @@ class Trainer:
                 self.maxmin.observe(batch_mean)
                 assignment = self.maxmin.assign(scores)
             return self.rewards.reward(
-                images, None if z is None else z.float(), self.cfg.objective,
+                images,
+                None if z is None else z.float(),
+                self.cfg.objective,
                 penalty=self.cfg.ensemble_penalty,
                 taste_index=None if taste is None else taste % len(self.taste_names),
-                source=self.cfg.taste.source, assignment=assignment,
-            )  # fmt: skip
+                source=self.cfg.taste.source,
+                assignment=assignment,
+            )
 
     # ------------------------------------------------------------------ one epoch
     def train_epoch(self) -> dict:
@@ -347,9 +365,12 @@ class Trainer:
             embeds, negative = self._embeds(prompt)
             with torch.no_grad(), self.accelerator.autocast():
                 traj = self.policy.sample(
-                    prompt_embeds=embeds, negative_embeds=negative,
-                    tastes=self._policy_taste(z, taste), noise=noise, generator=self.generator,
-                )  # fmt: skip
+                    prompt_embeds=embeds,
+                    negative_embeds=negative,
+                    tastes=self._policy_taste(z, taste),
+                    noise=noise,
+                    generator=self.generator,
+                )
             # ---- 2. rewards: each image scored by the head for the taste it was asked for
             with torch.no_grad():
                 reward = self._reward(traj.images, z, taste)
@@ -398,13 +419,23 @@ class Trainer:
                     z = None if z_all is None else self._policy_taste(z_all[rows], taste[rows_cpu])
                     with self.accelerator.autocast():
                         noise_pred = guided_noise(
-                            self.unet, self.conditioner, latents[rows, j], timesteps[j],
-                            embeds[rows], negative[rows], z, cfg.sampling.guidance_scale,
-                        )  # fmt: skip
+                            self.unet,
+                            self.conditioner,
+                            latents[rows, j],
+                            timesteps[j],
+                            embeds[rows],
+                            negative[rows],
+                            z,
+                            cfg.sampling.guidance_scale,
+                        )
                     _, log_prob = ddim_step_with_logprob(
-                        scheduler, noise_pred, timesteps[j], latents[rows, j],
-                        eta=cfg.sampling.eta, prev_sample=latents[rows, j + 1],
-                    )  # fmt: skip
+                        scheduler,
+                        noise_pred,
+                        timesteps[j],
+                        latents[rows, j],
+                        eta=cfg.sampling.eta,
+                        prev_sample=latents[rows, j + 1],
+                    )
                     ratio = torch.exp(log_prob - old_log_probs[rows, j])
                     adv = advantages[rows]
                     clipped = torch.clamp(ratio, 1 - ddpo.clip_range, 1 + ddpo.clip_range)
@@ -464,10 +495,13 @@ class Trainer:
             embeds, negative = self._embeds(prompt)
             with self.accelerator.autocast():
                 traj = self.policy.sample(
-                    prompt_embeds=embeds, negative_embeds=negative,
-                    tastes=self._policy_taste(z, taste), noise=noise, generator=self.generator,
+                    prompt_embeds=embeds,
+                    negative_embeds=negative,
+                    tastes=self._policy_taste(z, taste),
+                    noise=noise,
+                    generator=self.generator,
                     grad_last_steps=draft.last_k_steps,
-                )  # fmt: skip
+                )
                 # the reward for taste z, differentiable all the way back to the LoRA
                 reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")
@@ -517,9 +551,15 @@ class Trainer:
         x_t, t = traj.latents[:, j], traj.timesteps[j]
         with self.accelerator.autocast():
             noise_pred = guided_noise(
-                self.unet, self.conditioner, x_t, t, embeds, negative, z,
+                self.unet,
+                self.conditioner,
+                x_t,
+                t,
+                embeds,
+                negative,
+                z,
                 self.cfg.sampling.guidance_scale,
-            )  # fmt: skip
+            )
         return self._kl_to_base(noise_pred, x_t, t, embeds, negative)
 
     def _optimizer_step(self):
@@ -600,8 +640,13 @@ class Trainer:
     def _random_state(self) -> dict[str, torch.Tensor]:
         """This process's random state and pending grouped samples, as tensors."""
         prompt, taste, noise = self.pending
-        state = {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                 "pending_prompt": prompt, "pending_taste": taste, "pending_noise": noise}  # fmt: skip
+        state = {
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "pending_prompt": prompt,
+            "pending_taste": taste,
+            "pending_noise": noise,
+        }
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         return state
@@ -682,8 +727,12 @@ class Trainer:
                 (self.out_dir / "log.jsonl").write_text(lines)
         if cfg.tensorboard:
             self.accelerator.init_trackers("tensorboard")
-        bar = tqdm(total=cfg.n_epochs, initial=self.epoch, desc=f"{cfg.objective} ({cfg.method})",
-                   disable=not progress or not self.accelerator.is_main_process)  # fmt: skip
+        bar = tqdm(
+            total=cfg.n_epochs,
+            initial=self.epoch,
+            desc=f"{cfg.objective} ({cfg.method})",
+            disable=not progress or not self.accelerator.is_main_process,
+        )
         while self.epoch < cfg.n_epochs:
             t0 = time.perf_counter()
             log = self.train_epoch()

@@ -115,9 +115,15 @@ def sample(
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= first_grad_step and torch.is_grad_enabled()):
             noise_pred = guided_noise(
-                unet, conditioner, latents, t, prompt_embeds, negative_embeds, taste,
+                unet,
+                conditioner,
+                latents,
+                t,
+                prompt_embeds,
+                negative_embeds,
+                taste,
                 cfg.guidance_scale,
-            )  # fmt: skip
+            )
             latents, log_prob = ddim_step_with_logprob(
                 scheduler, noise_pred, t, latents, eta=cfg.eta, generator=generator
             )

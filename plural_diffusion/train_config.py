@@ -169,8 +169,10 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
                 "(as fast on PyTorch >= 2) or conditioning.mode=timestep"
             )
         if importlib.util.find_spec("xformers") is None:
-            raise UserError("attention=xformers but xformers is not installed; "
-                            "pip install xformers, or use attention=sdpa")  # fmt: skip
+            raise UserError(
+                "attention=xformers but xformers is not installed; "
+                "pip install xformers, or use attention=sdpa"
+            )
         if cpu:
             raise UserError("attention=xformers runs on CUDA only; use attention=sdpa")
     if cfg.ddpo.gradient_accumulation < 1:

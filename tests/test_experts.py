@@ -116,9 +116,15 @@ def test_each_cluster_gets_an_equal_share_of_images_those_best_for_it():
     # six images, all best for cluster 0 (its ideal is nearest the base model), some of them
     # relatively better for 1 or 2 than the others
     scores = torch.tensor(
-        [[3.0, 0.0, 0.0], [2.9, 0.1, 0.0], [2.0, 1.5, 0.0], [2.0, 1.6, 0.1],
-         [2.0, 0.0, 1.2], [1.9, 0.0, 1.4]]
-    )  # fmt: skip
+        [
+            [3.0, 0.0, 0.0],
+            [2.9, 0.1, 0.0],
+            [2.0, 1.5, 0.0],
+            [2.0, 1.6, 0.1],
+            [2.0, 0.0, 1.2],
+            [1.9, 0.0, 1.4],
+        ]
+    )
     a = need.assign(scores)
     torch.testing.assert_close(a.sum(dim=1), torch.ones(6))
     torch.testing.assert_close(a.sum(dim=0), torch.full((3,), 2.0), rtol=0, atol=0.05)

@@ -21,22 +21,36 @@ def free_port() -> int:
 
 def torchrun(out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_port", str(free_port()), str(Path(__file__).with_name("_multiprocess_worker.py")),
-        str(out), *args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).with_name("_multiprocess_worker.py")),
+        str(out),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def common(toy_assets, reward_run, method: str) -> list[str]:
     return [
-        f"base={toy_assets.base}", f"rewards={reward_run}", f"method={method}",
-        "save_every=1", "sampling.steps=4", "tensorboard=false",
-        "draft.batch_size=3", "draft.steps_per_epoch=1",
-        "ddpo.sample_batch_size=3", "ddpo.sample_batches=1", "ddpo.train_batch_size=3",
+        f"base={toy_assets.base}",
+        f"rewards={reward_run}",
+        f"method={method}",
+        "save_every=1",
+        "sampling.steps=4",
+        "tensorboard=false",
+        "draft.batch_size=3",
+        "draft.steps_per_epoch=1",
+        "ddpo.sample_batch_size=3",
+        "ddpo.sample_batches=1",
+        "ddpo.train_batch_size=3",
         "ddpo.stat_min_count=2",
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.slow  # ~35 s each: three two-process runs

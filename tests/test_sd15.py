@@ -58,15 +58,37 @@ def test_sd15_yaml_trains_resumes_and_generates_on_an_sd15_shaped_base(
     assert all(torch.isfinite(torch.tensor(e["reward_mean"])) for e in log)
 
     draft = tmp_path / "draft"
-    cli("train", "--config", SD15_YAML, *common, f"out_dir={draft}", "method=draft", "epochs=1",
-        "draft.steps_per_epoch=1")  # fmt: skip
+    cli(
+        "train",
+        "--config",
+        SD15_YAML,
+        *common,
+        f"out_dir={draft}",
+        "method=draft",
+        "epochs=1",
+        "draft.steps_per_epoch=1",
+    )
     assert log_of(draft)[0]["epoch"] == 0
 
     ckpt = latest_checkpoint(ddpo / "checkpoints")
     out = tmp_path / "images"
-    cli("generate", "--base", str(sd15_base), "--checkpoint", str(ckpt), "--rewards",
-        str(reward_run), "--steps", "2", "--seeds", "1", "--prompt", "a bowl of fruit",
-        "--out", str(out))  # fmt: skip
+    cli(
+        "generate",
+        "--base",
+        str(sd15_base),
+        "--checkpoint",
+        str(ckpt),
+        "--rewards",
+        str(reward_run),
+        "--steps",
+        "2",
+        "--seeds",
+        "1",
+        "--prompt",
+        "a bowl of fruit",
+        "--out",
+        str(out),
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["tastes"]) == 3 and len(manifest["prompts"][0]["images"]) == 3
 
@@ -89,7 +111,10 @@ def test_sd15_yaml_refuses_a_base_that_is_not_sd15_shaped(
     from plural_diffusion.train_config import TrainConfig
     from reward_models.config import load_config
 
-    cfg = load_config(TrainConfig, SD15_YAML, [f"base={toy_assets.base}", f"rewards={reward_run}",
-                                               f"out_dir={tmp_path}"])  # fmt: skip
+    cfg = load_config(
+        TrainConfig,
+        SD15_YAML,
+        [f"base={toy_assets.base}", f"rewards={reward_run}", f"out_dir={tmp_path}"],
+    )
     with pytest.raises(UserError, match="expect_architecture=sd15 but its text states are 64 wide"):
         Trainer(cfg)

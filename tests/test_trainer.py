@@ -42,27 +42,29 @@ def lora_weights(run_dir):
     return load_file(str(ckpt / "policy" / "pytorch_lora_weights.safetensors"))
 
 
-def policy_of(trainer) -> TastePolicy:
-    """The trainer's pipeline and taste conditioner as a policy, with its sampler."""
-    return TastePolicy(trainer.pipe, trainer.conditioner, sampling=trainer.cfg.sampling)
+@torch.no_grad()
+def fixed_batch(trainer, batch: int, seed: int):
+    """The trainer's policy (now) on one fixed batch of prompts, tastes and noise: the
+    trajectory, the tastes z and the prompt embeddings; the trainer's generator is untouched."""
+    saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
+    prompt, _, z, noise = trainer.draw_batch(batch)
+    embeds, negative = trainer.prompt_embeds[prompt], trainer.negative_embeds[prompt]
+    traj = trainer.policy.sample(
+        prompt_embeds=embeds,
+        negative_embeds=negative,
+        tastes=z,
+        noise=noise,
+        generator=trainer.generator,
+    )
+    trainer.generator = saved
+    return traj, z, embeds, negative
 
 
 def reward_on_fixed_batch(trainer, batch=6, seed=99):
     """Mean matched reward of the policy on one fixed batch of prompts, tastes and noise."""
-    saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
-    prompt, _, z, noise = trainer.draw_batch(batch)
-    embeds, negative = trainer.prompt_embeds[prompt], trainer.negative_embeds[prompt]
+    traj, z, _, _ = fixed_batch(trainer, batch, seed)
     with torch.no_grad():
-        traj = policy_of(trainer).sample(
-            prompt_embeds=embeds,
-            negative_embeds=negative,
-            tastes=z,
-            noise=noise,
-            generator=trainer.generator,
-        )
-        reward = trainer.rewards.reward(traj.images, z, "matched").mean().item()
-    trainer.generator = saved
-    return reward
+        return trainer.rewards.reward(traj.images, z, "matched").mean().item()
 
 
 def test_draft_matched_raises_the_reward_and_saves_a_diffusers_lora(
@@ -164,34 +166,18 @@ def test_grouped_batches_of_any_size_continue_a_group_in_the_next_batch(
 
 def kl_on_fixed_batch(trainer, batch=6, seed=7) -> float:
     """KL-to-base of the policy's denoising step, averaged over one fixed batch's trajectory."""
-    saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
-    prompt, _, z, noise = trainer.draw_batch(batch)
-    embeds, negative = trainer.prompt_embeds[prompt], trainer.negative_embeds[prompt]
-    cfg = trainer.cfg.sampling
-    with torch.no_grad():
-        traj = policy_of(trainer).sample(
-            prompt_embeds=embeds,
-            negative_embeds=negative,
-            tastes=z,
-            noise=noise,
-            generator=trainer.generator,
-        )
-        kls = []
-        for j, t in enumerate(traj.timesteps[:-1]):
-            from plural_diffusion.sampling import guided_noise
+    from plural_diffusion.sampling import guided_noise
 
+    traj, z, embeds, negative = fixed_batch(trainer, batch, seed)
+    guidance = trainer.cfg.sampling.guidance_scale
+    kls = []
+    with torch.no_grad():
+        for j, t in enumerate(traj.timesteps[:-1]):
+            x_t = traj.latents[:, j]
             pred = guided_noise(
-                trainer.unet,
-                trainer.conditioner,
-                traj.latents[:, j],
-                t,
-                embeds,
-                negative,
-                z,
-                cfg.guidance_scale,
+                trainer.unet, trainer.conditioner, x_t, t, embeds, negative, z, guidance
             )
-            kls.append(trainer._kl_to_base(pred, traj.latents[:, j], t, embeds, negative).item())
-    trainer.generator = saved
+            kls.append(trainer._kl_to_base(pred, x_t, t, embeds, negative).item())
     return sum(kls) / len(kls)
 
 

@@ -62,9 +62,16 @@ def test_fp16_gradients_are_unscaled_before_clipping_and_an_overflow_skips_the_s
 
 def ddpo_args(toy_assets, reward_run, tmp_path, *extra):
     return toy_config(
-        toy_assets, reward_run, tmp_path, "method=ddpo", "epochs=1", "sampling.steps=4",
-        "ddpo.inner_epochs=1", "ddpo.timestep_fraction=1.0", *extra,
-    )  # fmt: skip
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "method=ddpo",
+        "epochs=1",
+        "sampling.steps=4",
+        "ddpo.inner_epochs=1",
+        "ddpo.timestep_fraction=1.0",
+        *extra,
+    )
 
 
 def gradients_at_each_step(trainer, monkeypatch):
@@ -84,8 +91,15 @@ def test_gradient_accumulation_of_two_minibatches_takes_the_step_of_one_twice_as
     toy_assets, reward_run, tmp_path, monkeypatch
 ):
     whole = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.train_batch_size=6"))
-    halves = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.train_batch_size=3",
-                               "ddpo.gradient_accumulation=2"))  # fmt: skip
+    halves = Trainer(
+        ddpo_args(
+            toy_assets,
+            reward_run,
+            tmp_path,
+            "ddpo.train_batch_size=3",
+            "ddpo.gradient_accumulation=2",
+        )
+    )
     one = gradients_at_each_step(whole, monkeypatch)
     two = gradients_at_each_step(halves, monkeypatch)
     assert len(one) == len(two) == 1  # one optimizer step per epoch either way
@@ -149,9 +163,17 @@ def test_draft_checkpoints_the_decoder_with_the_same_gradient_and_fewer_saved_ac
 def test_taste_dropout_asks_the_policy_for_the_null_taste_scored_for_the_drawn_taste(
     toy_assets, reward_run, tmp_path, monkeypatch, method
 ):
-    cfg = toy_config(toy_assets, reward_run, tmp_path, "conditioning.taste_dropout=0.5",
-                     f"method={method}", "draft.batch_size=12", "ddpo.sample_batch_size=12",
-                     "ddpo.train_batch_size=6", "sampling.steps=4")  # fmt: skip
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "conditioning.taste_dropout=0.5",
+        f"method={method}",
+        "draft.batch_size=12",
+        "ddpo.sample_batch_size=12",
+        "ddpo.train_batch_size=6",
+        "sampling.steps=4",
+    )
     trainer = Trainer(cfg)
     asked, scored = [], []
     sample, reward = trainer.policy.sample, trainer._reward
@@ -173,8 +195,10 @@ def test_a_checkpoint_resumes_without_unpickling(toy_assets, reward_run, tmp_pat
     Trainer(toy_config(toy_assets, reward_run, tmp_path, "epochs=1")).fit(progress=False)
     ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
     assert sorted(p.name for p in ckpt.iterdir()) == [
-        "policy", "trainer_state.json", "trainer_state.safetensors",
-    ]  # fmt: skip
+        "policy",
+        "trainer_state.json",
+        "trainer_state.safetensors",
+    ]
     trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "epochs=2"))
 
     def refuse(*args, **kwargs):
@@ -194,9 +218,17 @@ def test_sample_draws_its_initial_noise_on_the_generators_device(toy_assets, rew
     prompt, _, z, _ = trainer.draw_batch(3)
     embeds, negative = trainer._embeds(prompt)
     with torch.no_grad():
-        traj = sample(trainer.unet, trainer.conditioner, trainer.pipe.vae, trainer.pipe.scheduler,
-                      embeds, negative, z, trainer.cfg.sampling,
-                      generator=torch.Generator().manual_seed(5))  # fmt: skip
+        traj = sample(
+            trainer.unet,
+            trainer.conditioner,
+            trainer.pipe.vae,
+            trainer.pipe.scheduler,
+            embeds,
+            negative,
+            z,
+            trainer.cfg.sampling,
+            generator=torch.Generator().manual_seed(5),
+        )
     expected = torch.randn((3, 4, 8, 8), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(
         traj.latents[:, 0], expected * trainer.pipe.scheduler.init_noise_sigma
