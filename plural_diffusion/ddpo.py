@@ -350,8 +350,20 @@ class Trainer:
             )
 
     # ------------------------------------------------------------------ one epoch
+    def learning_rate(self, epoch: int) -> float:
+        """The learning rate of `epoch` under `lr_schedule`."""
+        cfg = self.cfg
+        if cfg.lr_schedule == "constant":
+            return cfg.lr
+        progress = min(1.0, epoch / max(1, cfg.n_epochs - 1))
+        return cfg.lr * (
+            cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+        )
+
     def train_epoch(self) -> dict:
         self.epoch_skipped = 0
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(self.epoch)
         if self.cfg.method == "draft":
             return self._draft_epoch()
         cfg, ddpo = self.cfg, self.cfg.ddpo

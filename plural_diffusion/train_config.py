@@ -118,6 +118,12 @@ class TrainConfig:
     # numbers of samples), so switching `method` alone gives a sensible run
     epochs: int = 0
     lr: float = 3e-4
+    # "cosine": lr falls from `lr` to lr * lr_final along a half cosine over the run's epochs
+    # (a high rate early leaves a reward's plateau, a low one late stops the noise of small
+    # batches per taste from undoing what was reached); a function of the epoch, so a resumed
+    # run follows the same schedule
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_final: float = 0.1
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     # reward - k * std over the reward run's rater-head ensemble (over-optimisation guard; the
@@ -175,6 +181,8 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             )
         if cpu:
             raise UserError("attention=xformers runs on CUDA only; use attention=sdpa")
+    if not 0.0 <= cfg.lr_final <= 1.0:
+        raise UserError(f"lr_final={cfg.lr_final}: a fraction of lr, in [0, 1]")
     if cfg.ddpo.gradient_accumulation < 1:
         raise UserError(
             f"ddpo.gradient_accumulation={cfg.ddpo.gradient_accumulation}: must be >= 1"

@@ -8,6 +8,7 @@ from test_trainer import toy_config
 
 from plural_diffusion.ddpo import Trainer, latest_checkpoint
 from plural_diffusion.sampling import decode_images
+from reward_models.errors import UserError
 
 
 def simulate_fp16_loss_scaling(trainer, monkeypatch, scale=2.0**16):
@@ -233,3 +234,28 @@ def test_sample_draws_its_initial_noise_on_the_generators_device(toy_assets, rew
     torch.testing.assert_close(
         traj.latents[:, 0], expected * trainer.pipe.scheduler.init_noise_sigma
     )
+
+
+def test_a_cosine_schedule_falls_from_lr_to_lr_final_and_follows_the_epoch(
+    toy_assets, reward_run, tmp_path
+):
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "lr=0.01",
+        "lr_schedule=cosine",
+        "lr_final=0.1",
+        "epochs=5",
+        "sampling.steps=2",
+    )
+    trainer = Trainer(cfg)
+    rates = [trainer.learning_rate(e) for e in range(5)]
+    assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    trainer.epoch = 3  # as after a resume: the rate is the epoch's, not a counter's
+    trainer.train_epoch()
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rates[3])
+    bad = toy_config(toy_assets, reward_run, tmp_path, "lr_final=1.5")
+    with pytest.raises(UserError, match="lr_final=1.5"):
+        Trainer(bad)
