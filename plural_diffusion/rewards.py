@@ -19,7 +19,6 @@ trustworthy, and that is where a policy over-optimises first.
 
 from __future__ import annotations
 
-import math
 from typing import Literal
 
 import torch
@@ -214,16 +213,18 @@ class NeedAssignment:
     alternatives that failed on some bases: rewarding every image by a softmin-weighted sum of
     the clusters' utilities, or by the cluster that is worst-off in the batch, moves all images
     the same way, and the policy ends in the one cluster whose ideal is nearest (worst cluster
-    below the base model's). Here each batch's images are split between the clusters in equal
-    shares, each image to the clusters it is relatively best for: a balanced (Sinkhorn)
-    assignment of the standardised scores s [B, K],
+    below the base model's). Here each batch's images are split between the clusters, each
+    image to the clusters it is relatively best for, in shares tilted toward the clusters
+    served worst so far: a balanced (Sinkhorn) assignment of the standardised scores s [B, K],
 
-        a = argmax_a sum_ik a_ik s_ik / temperature + entropy(a),  rows sum to 1, columns to B / K
+        a = argmax_a sum_ik a_ik s_ik / temperature + entropy(a)
+            rows sum to 1, column k to B * softmax(-m)_k
 
-    and image i is rewarded sum_k a_ik s_ik. The noise that starts an image decides which look
-    it grows into; the worst-off cluster always has its share of images climbing toward it. The
-    assignment carries no gradient. `estimate` keeps running means of each cluster's
-    standardised reward, for the log.
+    with m [K] running estimates (over many batches, not re-picked per batch) of each cluster's
+    mean standardised reward, and image i is rewarded sum_k a_ik s_ik. The noise that starts an
+    image decides which look it grows into; the worst-off cluster has the largest share of
+    images climbing toward it, so a taste-blind LoRA pulled one way by the others still moves
+    for it. The assignment carries no gradient.
     """
 
     def __init__(self, n_clusters: int, temperature: float = 0.5, momentum: float = 0.9):
@@ -246,12 +247,17 @@ class NeedAssignment:
         self.estimate = m * self.estimate + (1 - m) * batch_mean.detach().float().cpu()
 
     @torch.no_grad()
+    def shares(self) -> torch.Tensor:
+        """Each cluster's share of a batch's images, [K]: a softmin of the running estimates
+        (in standard deviations of the base model's scores), equal at the start."""
+        return torch.softmax(-self.estimate, dim=0)
+
     def assign(self, scores: torch.Tensor, iterations: int = 100) -> torch.Tensor:
         """Standardised scores [B, K] -> each image's weights on the clusters [B, K] (rows sum
-        to 1, each cluster's column to B / K)."""
+        to 1, cluster k's column to B * shares()[k])."""
         log_p = scores.detach().double() / self.temperature  # Sinkhorn in log space
-        batch, k = log_p.shape
-        log_col = torch.full((k,), math.log(batch / k), dtype=log_p.dtype, device=log_p.device)
+        batch = log_p.shape[0]
+        log_col = (batch * self.shares()).log().to(log_p)
         for _ in range(iterations):
             log_p = log_p - log_p.logsumexp(dim=1, keepdim=True)  # each image's weights sum to 1
             log_p = log_p - log_p.logsumexp(dim=0) + log_col  # each cluster gets B / K

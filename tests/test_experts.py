@@ -112,7 +112,7 @@ def test_centroids_that_do_not_fit_the_experts_are_a_one_line_error():
 def test_each_cluster_gets_an_equal_share_of_images_those_best_for_it():
     from plural_diffusion.rewards import NeedAssignment
 
-    need = NeedAssignment(3, temperature=0.1)
+    need = NeedAssignment(3, temperature=0.1, momentum=0.5)
     # six images, all best for cluster 0 (its ideal is nearest the base model), some of them
     # relatively better for 1 or 2 than the others
     scores = torch.tensor(
@@ -129,10 +129,16 @@ def test_each_cluster_gets_an_equal_share_of_images_those_best_for_it():
     torch.testing.assert_close(a.sum(dim=1), torch.ones(6))
     torch.testing.assert_close(a.sum(dim=0), torch.full((3,), 2.0), rtol=0, atol=0.05)
     assert a.argmax(dim=1).tolist() == [0, 0, 1, 1, 2, 2]
-    need.observe(torch.tensor([1.0, 0.0, 0.0]))
-    restored = NeedAssignment(3, 0.1)
+    for _ in range(10):  # over many batches cluster 0 is served 1 std better than the others
+        need.observe(torch.tensor([1.0, 0.0, 0.0]))
+    shares = need.shares()
+    assert shares[0] < 0.2 and torch.isclose(shares[1], shares[2]), shares
+    a = need.assign(scores)  # cluster 0 keeps only its best-suited image or so
+    torch.testing.assert_close(a.sum(dim=0), 6 * shares, rtol=0, atol=0.05)
+    assert a.argmax(dim=1)[0] == 0 and (a.argmax(dim=1)[2:] != 0).all()
+    restored = NeedAssignment(3, 0.1, 0.5)
     restored.load_state_dict(need.state_dict())
-    torch.testing.assert_close(restored.estimate, need.estimate)
+    torch.testing.assert_close(restored.assign(scores), a)
 
 
 def test_maxmin_over_one_cluster_is_a_one_line_error():
