@@ -38,7 +38,7 @@ from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddim import ddim_step_with_logprob, trainable_step_mask
 from plural_diffusion.ddpo import Trainer
 from plural_diffusion.demo import DemoConfig
-from plural_diffusion.sampling import decode_images, guided_noise, sample
+from plural_diffusion.sampling import decode_images, guided_noise
 from plural_diffusion.sd15_random import SD15_CPU, SD15_FULL, save_sd15_random
 from plural_diffusion.toyworld.clip import CONFIG_FILE, WEIGHTS_FILE, register_toy_clip
 from plural_diffusion.toyworld.prepare import prepare_toy
@@ -214,17 +214,12 @@ def sample_batch(trainer: Trainer, batch: int, grad_last_steps: int = 0):
     prompt, taste, z, noise = trainer.draw_batch(batch)
     embeds, negative = trainer._embeds(prompt)
     with torch.set_grad_enabled(grad_last_steps > 0), trainer.accelerator.autocast():
-        traj = sample(
-            trainer.unet,
-            trainer.conditioner,
-            trainer.pipe.vae,
-            trainer.pipe.scheduler,
-            embeds,
-            negative,
-            trainer._policy_taste(z, taste),
-            trainer.cfg.sampling,
+        traj = trainer.policy.sample(
+            prompt_embeds=embeds,
+            negative_embeds=negative,
+            tastes=trainer._policy_taste(z, taste),
+            noise=noise,
             generator=trainer.generator,
-            init_latents=noise,
             grad_last_steps=grad_last_steps,
         )
     return prompt, taste, z, traj
@@ -545,15 +540,11 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             embeds, negative = trainer._embeds(prompt)
             small = dataclasses.replace(cfg.sampling, steps=2)
             with torch.no_grad(), trainer.accelerator.autocast():
-                t = sample(
-                    trainer.unet,
-                    trainer.conditioner,
-                    trainer.pipe.vae,
-                    trainer.pipe.scheduler,
-                    embeds,
-                    negative,
-                    z8,
-                    small,
+                t = trainer.policy.sample(
+                    prompt_embeds=embeds,
+                    negative_embeds=negative,
+                    tastes=z8,
+                    sampling=small,
                     generator=torch.Generator().manual_seed(0),
                 )
             dropped = trainer.conditioner.drop_taste(z8, 0.5, torch.Generator().manual_seed(0))
