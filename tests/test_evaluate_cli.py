@@ -90,7 +90,7 @@ def test_evaluate_writes_per_cluster_metrics_win_rates_curve_and_report(
     curve = m["overoptimisation"]["matched"]
     assert curve["epochs"] == [0, 1, 2]
     assert all(len(v) == 3 for v in curve["gold_per_cluster"].values())
-    assert len(curve["vendi_within_taste"]) == 3 and min(curve["vendi_within_taste"]) >= 1.0
+    assert len(curve["vendi_within_taste"]) == 3 and min(curve["vendi_within_taste"]) > 1.0 - 1e-9
     assert m["eval"]["seeds"] == [0, 1] and curve["n_seeds"] == 1  # the curve: the first seed
     # every policy samples as the policies were trained (4 steps), the base model included
     assert {p["sampling"]["steps"] for p in m["policies"].values()} == {4}
