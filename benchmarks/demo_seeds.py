@@ -30,21 +30,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from plural_diffusion.evaluate import diagonal_dominance
+
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECKS = ("minority", "majority", "diagonal", "smallest", "maxmin", "looks", "time")
-DDPO_CHECKS = ("minority", "majority", "smallest")  # the issue asks these of DDPO on 3 seeds
 
 
 def run_seed(seed: int, method: str | None, extra: list[str], out_root: Path) -> dict:
     out = out_root / f"seed-{seed}"
     train = [f"seed={seed}"] + ([f"method={method}"] if method else [])
-    overrides, rest = [], []
+    rest = []
     for item in extra:  # merge the user's train_overrides into this seed's list
         if item.startswith("train_overrides=["):
             train += [s.strip() for s in item[len("train_overrides=[") : -1].split(",") if s]
         else:
             rest.append(item)
-    overrides += [f"prepare.base.seed={seed}", f"train_overrides=[{', '.join(train)}]", *rest]
+    overrides = [f"prepare.base.seed={seed}", f"train_overrides=[{', '.join(train)}]", *rest]
     cmd = [sys.executable, "-m", "plural_diffusion.cli", "demo", "--out", str(out), *overrides]
     t0 = time.perf_counter()
     log = out_root / f"seed-{seed}.log"
@@ -82,14 +83,11 @@ def checks(row: dict) -> dict[str, bool]:
     major = max(range(len(shares)), key=shares.__getitem__)
     small = min(range(len(shares)), key=shares.__getitem__)
     minorities = [k for k in range(len(shares)) if k != major]
-    m = row["cross_taste_gold"]
-    k = len(m)
-    rows_ok = all(m[i][i] > max(m[i][j] for j in range(k) if j != i) for i in range(k))
-    cols_ok = all(m[i][i] > max(m[j][i] for j in range(k) if j != i) for i in range(k))
+    dominance = diagonal_dominance(row["cross_taste_gold"])
     out = {
         "minority": all(gold["matched"][c] > gold["mean"][c] for c in minorities),
         "majority": gold["matched"][major] >= gold["mean"][major] - 0.01,
-        "diagonal": rows_ok and cols_ok,
+        "diagonal": dominance["all_columns"] and all(dominance["by_row"]),
         "smallest": gold["matched"][small] >= 0.5,
         "looks": row["vendi_within_taste"]["matched"] >= 0.8 * row["vendi_within_taste"]["base"],
         "time": row["seconds"] <= 15 * 60,
