@@ -211,18 +211,8 @@ def release() -> None:
 
 # ------------------------------------------------------------------ the trainer's steps
 def sample_batch(trainer: Trainer, batch: int, grad_last_steps: int = 0):
-    prompt, taste, z, noise = trainer.draw_batch(batch)
-    embeds, negative = trainer._embeds(prompt)
-    with torch.set_grad_enabled(grad_last_steps > 0), trainer.accelerator.autocast():
-        traj = trainer.policy.sample(
-            prompt_embeds=embeds,
-            negative_embeds=negative,
-            tastes=trainer._policy_taste(z, taste),
-            noise=noise,
-            generator=trainer.generator,
-            grad_last_steps=grad_last_steps,
-        )
-    return prompt, taste, z, traj
+    with torch.set_grad_enabled(grad_last_steps > 0):
+        return trainer._sample_batch(batch, grad_last_steps)
 
 
 def step_log_probs(trainer: Trainer, traj, z, rows: torch.Tensor, steps: list[int], grad: bool):

@@ -212,16 +212,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.cfg.seed + 7919)
         try:
             for _ in range(self.cfg.maxmin.calibration_batches):
-                prompt, _, _, noise = self.draw_batch(self.cfg.draft.batch_size)
-                embeds, negative = self._embeds(prompt)
-                with self.accelerator.autocast():
-                    traj = self.policy.sample(
-                        prompt_embeds=embeds,
-                        negative_embeds=negative,
-                        tastes=None,
-                        noise=noise,
-                        generator=self.generator,
-                    )
+                *_, traj = self._sample_batch(self.cfg.draft.batch_size)
                 images.append(traj.images.float())
         finally:
             self.generator = generator
@@ -322,6 +313,23 @@ class Trainer:
         idx = prompt.to(self.device)
         return self.prompt_embeds[idx], self.negative_embeds[idx]
 
+    def _sample_batch(self, batch: int, grad_last_steps: int = 0):
+        """Draw a batch (`draw_batch`) and run the policy on it: prompt indices [B], taste
+        indices [B], the tastes z it is scored for [B, d] | None, and the trajectory, with the
+        graph kept through the last `grad_last_steps` steps (DRaFT)."""
+        prompt, taste, z, noise = self.draw_batch(batch)
+        embeds, negative = self._embeds(prompt)
+        with self.accelerator.autocast():
+            traj = self.policy.sample(
+                prompt_embeds=embeds,
+                negative_embeds=negative,
+                tastes=self._policy_taste(z, taste),
+                noise=noise,
+                generator=self.generator,
+                grad_last_steps=grad_last_steps,
+            )
+        return prompt, taste, z, traj
+
     def _reward(self, images, z, taste):
         """The reward of each image for the taste it was generated for, [B] (taste: indices
         into the taste table, for the ensemble penalty).
@@ -330,24 +338,21 @@ class Trainer:
         features, and under bf16 autocast the reward moves by more than the differences
         between images that DDPO's advantages rank. Gradients still flow (DRaFT)."""
         with torch.autocast(self.device.type, enabled=False):
-            images = images.float()
-            assignment = None
-            if self.maxmin is not None:  # which clusters each image serves, tilted by need
-                with torch.no_grad():
-                    features = self.rewards.features(images)
-                    scores = self.rewards.standardized_cluster_scores(features)  # [B, K]
-                    batch_mean = self.accelerator.reduce(scores.float().mean(dim=0), "mean")
-                self.maxmin.observe(batch_mean)
-                assignment = self.maxmin.assign(scores)
             return self.rewards.reward(
-                images,
+                images.float(),
                 None if z is None else z.float(),
                 self.cfg.objective,
                 penalty=self.cfg.ensemble_penalty,
                 taste_index=None if taste is None else taste % len(self.taste_names),
                 source=self.cfg.taste.source,
-                assignment=assignment,
+                assign=None if self.maxmin is None else self._assign_by_need,
             )
+
+    def _assign_by_need(self, scores: torch.Tensor) -> torch.Tensor:
+        """maxmin: fold this batch's standardised cluster scores [B, K] (mean over every
+        process) into the running estimates, then share the batch out by need, [B, K]."""
+        self.maxmin.observe(self.accelerator.reduce(scores.float().mean(dim=0), "mean"))
+        return self.maxmin.assign(scores)
 
     # ------------------------------------------------------------------ one epoch
     def learning_rate(self, epoch: int) -> float:
@@ -373,16 +378,8 @@ class Trainer:
         self.unet.eval()
         batches = []
         for _ in range(ddpo.sample_batches):
-            prompt, taste, z, noise = self.draw_batch(ddpo.sample_batch_size)
-            embeds, negative = self._embeds(prompt)
-            with torch.no_grad(), self.accelerator.autocast():
-                traj = self.policy.sample(
-                    prompt_embeds=embeds,
-                    negative_embeds=negative,
-                    tastes=self._policy_taste(z, taste),
-                    noise=noise,
-                    generator=self.generator,
-                )
+            with torch.no_grad():
+                prompt, taste, z, traj = self._sample_batch(ddpo.sample_batch_size)
             # ---- 2. rewards: each image scored by the head for the taste it was asked for
             with torch.no_grad():
                 reward = self._reward(traj.images, z, taste)
@@ -503,19 +500,9 @@ class Trainer:
         self.unet.train()
         rewards, tastes, images, losses, kls, sims = [], [], [], [], [], []
         for _ in range(draft.steps_per_epoch):
-            prompt, taste, z, noise = self.draw_batch(draft.batch_size)
-            embeds, negative = self._embeds(prompt)
-            with self.accelerator.autocast():
-                traj = self.policy.sample(
-                    prompt_embeds=embeds,
-                    negative_embeds=negative,
-                    tastes=self._policy_taste(z, taste),
-                    noise=noise,
-                    generator=self.generator,
-                    grad_last_steps=draft.last_k_steps,
-                )
-                # the reward for taste z, differentiable all the way back to the LoRA
-                reward = self._reward(traj.images, z, taste)
+            prompt, taste, z, traj = self._sample_batch(draft.batch_size, draft.last_k_steps)
+            # the reward for taste z, differentiable all the way back to the LoRA
+            reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")
             if draft.normalize:
                 _, std = self._key_stats(prompt, taste, reward.detach())
@@ -523,7 +510,7 @@ class Trainer:
             else:
                 loss = -reward.mean()
             if draft.kl_weight > 0:
-                kl = self._draft_kl(traj, embeds, negative, self._policy_taste(z, taste))
+                kl = self._draft_kl(traj, self._policy_taste(z, taste))
                 kls.append(kl.detach())
                 loss = loss + draft.kl_weight * kl
             if draft.diversity_weight > 0:
@@ -554,13 +541,14 @@ class Trainer:
             return features.new_zeros(())
         return (features @ features.T)[same].mean()
 
-    def _draft_kl(self, traj, embeds, negative, z) -> torch.Tensor:
+    def _draft_kl(self, traj, z) -> torch.Tensor:
         """KL to the base model at one random denoising step before the backpropagated ones,
         with gradient: the earlier steps set an image's layout, which the reward's gradient
         through the last step never sees, and it is there that a policy collapses to one look."""
         n_free = len(traj.timesteps) - self.cfg.draft.last_k_steps
         j = int(torch.randint(max(1, n_free), (1,), generator=self.generator))
         x_t, t = traj.latents[:, j], traj.timesteps[j]
+        embeds, negative = traj.prompt_embeds, traj.negative_embeds
         with self.accelerator.autocast():
             noise_pred = guided_noise(
                 self.unet,

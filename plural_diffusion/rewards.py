@@ -7,9 +7,10 @@ taste clusters, trained by `reward-models train`) and the CLIP model its feature
     mean     the mean head r(x): the baseline
     maxmin   the egalitarian objective (raise the worst-off group) for a taste-blind policy:
              each cluster's utility is standardised on the base model's own images
-             (`calibrate`), and each batch's images are shared out between the clusters in
-             equal parts, each image to the clusters it is relatively best for
-             (`NeedAssignment`): the policy becomes a mixture of looks, one per cluster
+             (`calibrate`), and each batch's images are shared out between the clusters, each
+             image to the clusters it is relatively best for, in shares tilted toward the
+             clusters served worst so far (`NeedAssignment`): the policy becomes a mixture of
+             looks, one per cluster
 
 With `penalty` k > 0 each reward becomes r - k * std, the std taken over an ensemble of rater
 heads (the run's own plus its `ensemble/` members, each fitted on a bootstrap of the ratings)
@@ -19,6 +20,7 @@ trustworthy, and that is where a policy over-optimises first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -148,11 +150,12 @@ class TasteRewards:
         penalty: float = 0.0,
         taste_index: torch.Tensor | None = None,
         source: TasteSource = "clusters",
-        assignment: torch.Tensor | None = None,
+        assign: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Reward [B] of each image under `objective`.
 
-        assignment [B, K]: maxmin's weight of each image on each cluster's standardised utility.
+        assign: maxmin's standardised cluster scores [B, K] (detached) -> each image's weight on
+            each cluster [B, K], e.g. `NeedAssignment.assign`.
 
         taste: [B, d], required for matched. penalty > 0 subtracts `penalty` times the
         ensemble's std, which needs `taste_index` [B] (rows of the `source` taste table) for
@@ -166,9 +169,10 @@ class TasteRewards:
                 raise UserError("objective=matched needs a taste per image")
             reward, index = self.taste_head.score(features, taste), taste_index
         elif objective == "maxmin":
-            if assignment is None:
+            if assign is None:
                 raise UserError("objective=maxmin needs each image's cluster assignment")
             scores = self.standardized_cluster_scores(features)  # [B, K]
+            assignment = assign(scores.detach())
             reward = (scores * assignment.to(scores)).sum(dim=1)
             # the ensemble penalty reads the taste of the cluster each image serves most
             index, source = assignment.argmax(dim=1), "clusters"
@@ -260,7 +264,7 @@ class NeedAssignment:
         log_col = (batch * self.shares()).log().to(log_p)
         for _ in range(iterations):
             log_p = log_p - log_p.logsumexp(dim=1, keepdim=True)  # each image's weights sum to 1
-            log_p = log_p - log_p.logsumexp(dim=0) + log_col  # each cluster gets B / K
+            log_p = log_p - log_p.logsumexp(dim=0) + log_col  # each cluster gets its share
         log_p = log_p - log_p.logsumexp(dim=1, keepdim=True)
         return log_p.exp().to(scores.dtype)
 

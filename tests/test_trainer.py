@@ -47,17 +47,9 @@ def fixed_batch(trainer, batch: int, seed: int):
     """The trainer's policy (now) on one fixed batch of prompts, tastes and noise: the
     trajectory, the tastes z and the prompt embeddings; the trainer's generator is untouched."""
     saved, trainer.generator = trainer.generator, torch.Generator().manual_seed(seed)
-    prompt, _, z, noise = trainer.draw_batch(batch)
-    embeds, negative = trainer.prompt_embeds[prompt], trainer.negative_embeds[prompt]
-    traj = trainer.policy.sample(
-        prompt_embeds=embeds,
-        negative_embeds=negative,
-        tastes=z,
-        noise=noise,
-        generator=trainer.generator,
-    )
+    _, _, z, traj = trainer._sample_batch(batch)
     trainer.generator = saved
-    return traj, z, embeds, negative
+    return traj, z, traj.prompt_embeds, traj.negative_embeds
 
 
 def reward_on_fixed_batch(trainer, batch=6, seed=99):
