@@ -33,7 +33,8 @@ from pathlib import Path
 import open_clip
 import torch
 
-from plural_diffusion.conditioning import unet_forward
+from plural_diffusion.backbone import add_lora
+from plural_diffusion.conditioning import TasteConditioner, unet_forward
 from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddim import ddim_step_with_logprob, trainable_step_mask
 from plural_diffusion.ddpo import Trainer
@@ -68,6 +69,7 @@ PHASES = (
     "reward",
     "ddpo_minibatch",
     "draft_step",
+    "unet_variants",
     "epochs",
     "sampler_vs_pipeline",
     "unet_tflops",
@@ -88,8 +90,9 @@ def bf16_peak(card: str) -> float | None:
 class Proof:
     """The JSON being written, and the phases' measurement and error handling."""
 
-    def __init__(self, out: Path, device: torch.device, phases: set[str]):
+    def __init__(self, out: Path, device: torch.device, phases: set[str], minibatch_steps: int):
         self.out, self.device, self.phases = out, device, phases
+        self.minibatch_steps = minibatch_steps
         self.cuda = device.type == "cuda"
         self.results: dict = {"phases": {}}
 
@@ -217,12 +220,12 @@ def sample_batch(trainer: Trainer, batch: int, grad_last_steps: int = 0):
 
 def step_log_probs(trainer: Trainer, traj, z, rows: torch.Tensor, steps: list[int], grad: bool):
     """The policy's log-probs [len(steps), B] of the stored steps of `rows`, recomputed as the
-    DDPO update does (`guided_noise` + `ddim_step_with_logprob` under autocast); with `grad`
-    each step's PPO loss (advantage 1) is backpropagated as the update would."""
+    DDPO update does (`guided_noise` + `ddim_step_with_logprob` in `trainer.precision()`); with
+    `grad` each step's PPO loss (advantage 1) is backpropagated as the update would."""
     out = []
     for j in steps:
         with torch.set_grad_enabled(grad):
-            with trainer.accelerator.autocast():
+            with trainer.precision():
                 pred = guided_noise(
                     trainer.unet,
                     trainer.conditioner,
@@ -263,6 +266,45 @@ def draft_step(trainer: Trainer, batch: int) -> float:
     return float(reward.detach().mean())
 
 
+def unet_variants(proof: Proof, trainer: Trainer, base: Path, traj, batch: int) -> dict:
+    """Seconds per guided UNet call (2 x batch rows) of the plain base UNet, then with the LoRA,
+    then with the taste module attached, each in its own dtype and under torch.autocast: where
+    the trainer's UNet call loses time against the plain pipeline's."""
+    from plural_diffusion.backbone import load_pipeline
+
+    cfg = trainer.cfg
+    unet = load_pipeline(base, dtype=trainer.pipe.unet.dtype, device=proof.device).unet
+    unet.requires_grad_(False)
+    x = traj.latents[:batch, 0].repeat(2, 1, 1, 1)
+    text = torch.cat([traj.negative_embeds[:batch], traj.prompt_embeds[:batch]])
+    t = traj.timesteps[0]
+    out: dict = {}
+
+    def measure(name: str, unet, conditioner=None, z=None) -> None:
+        for autocast in (False, True):
+
+            def forward(autocast=autocast):
+                context = trainer.accelerator.autocast() if autocast else contextlib.nullcontext()
+                with torch.no_grad(), context:
+                    return unet_forward(unet, conditioner, x, t, text, z)
+
+            proof.timed(forward, repeats=2)  # warm-up
+            _, seconds = proof.timed(forward, repeats=5)
+            out[f"{name}{'_autocast' if autocast else ''}_s"] = round(seconds, 4)
+
+    measure("plain", unet)
+    add_lora(unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+    measure("lora", unet)
+    conditioner = TasteConditioner.for_unet(trainer.conditioner.config, unet).to(proof.device)
+    conditioner.attach(unet)
+    z = trainer.tastes.to(proof.device)
+    z = z.repeat(2 * batch // len(z) + 1, 1)[: 2 * batch]
+    measure("lora_taste", unet, conditioner, z)
+    del unet, conditioner
+    release()
+    return out
+
+
 def dtype_name(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -275,7 +317,7 @@ def run(args) -> None:
         raise SystemExit("no CUDA device: run on a GPU, or pass --smoke for the CPU check")
     out = args.out or RESULTS / ("gpu_proof_smoke.json" if smoke else "gpu_proof.json")
     phases = set(args.phases.split(",")) if args.phases else set(PHASES)
-    proof = Proof(out, device, phases)
+    proof = Proof(out, device, phases, args.minibatch_steps)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     proof.results.update(
         {
@@ -296,7 +338,7 @@ def run(args) -> None:
     if not (rewards / "config.json").is_file():
         rewards = reward_run(work, random_clip_dir(work / "clip", smoke), str(device))
     proof.results["setup_seconds"] = round(time.perf_counter() - t0, 1)
-    batch = 8  # sd15.yaml's sampling batch
+    batch = 8  # images per sampling call in the throughput phases (DDPO itself samples in 4s)
 
     trainer = make_trainer(base, rewards, work / "bf16", smoke)
     bf16_phases(proof, trainer, base, batch)
@@ -343,7 +385,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
 
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if proof.cuda else [])
             with profile(activities=activities) as prof, torch.no_grad():
-                with trainer.accelerator.autocast():
+                with trainer.precision():
                     unet_forward(
                         trainer.unet,
                         trainer.conditioner,
@@ -381,7 +423,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             )
     with proof.phase("decode") as r:
         if r is not None:
-            with torch.no_grad(), trainer.accelerator.autocast():
+            with torch.no_grad(), trainer.precision():
                 images, seconds = proof.timed(
                     lambda: decode_images(trainer.pipe.vae, traj.latents[:, -1])
                 )
@@ -405,7 +447,11 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
                     trainer.unet.enable_gradient_checkpointing()
                 trainer.unet.train()
                 rows = torch.arange(cfg.ddpo.train_batch_size, device=device)
-                steps = trainable_steps(trainer, traj)
+                all_steps = trainable_steps(trainer, traj)
+                # each step's loss is backpropagated on its own, so the peak is one step's and
+                # the time is linear in the steps: a few of them measure both
+                steps = all_steps[: proof.minibatch_steps]
+                step_log_probs(trainer, traj, z, rows, steps[:1], True)  # kernels' first use
                 trainer.optimizer.zero_grad(set_to_none=True)
                 _, seconds = proof.timed(
                     lambda rows=rows, steps=steps: step_log_probs(
@@ -414,16 +460,26 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
                 )
                 trainer.optimizer.zero_grad(set_to_none=True)
                 trainer.unet.disable_gradient_checkpointing()
-                r.update({"rows": len(rows), "steps": len(steps), "seconds": round(seconds, 3)})
+                r.update(
+                    {
+                        "rows": len(rows),
+                        "steps": len(steps),
+                        "seconds": round(seconds, 3),
+                        "seconds_all_steps": round(seconds * len(all_steps) / len(steps), 2),
+                    }
+                )
 
-    for checkpointing in (False, True):
-        with proof.phase(f"draft_step{'_vae_checkpointing' if checkpointing else ''}") as r:
+    for checkpointing in ("", "_vae_checkpointing", "_unet_vae_checkpointing"):
+        with proof.phase(f"draft_step{checkpointing}") as r:
             if r is not None:
-                if checkpointing:
+                if "vae" in checkpointing:
                     trainer.pipe.vae.enable_gradient_checkpointing()
+                if "unet" in checkpointing:
+                    trainer.unet.enable_gradient_checkpointing()
                 trainer.unet.train()
                 reward, seconds = proof.timed(lambda: draft_step(trainer, cfg.draft.batch_size))
                 trainer.pipe.vae.disable_gradient_checkpointing()
+                trainer.unet.disable_gradient_checkpointing()
                 r.update(
                     {"batch": cfg.draft.batch_size, "seconds": round(seconds, 3), "reward": reward}
                 )
@@ -442,9 +498,17 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             r["draft_epoch_s"] = round(draft_s, 2)
             r["draft_images"] = cfg.draft.batch_size * cfg.draft.steps_per_epoch
 
+    with proof.phase("unet_variants") as r:
+        if r is not None:
+            r.update(unet_variants(proof, trainer, base, traj, batch))
+
     with proof.phase("sampler_vs_pipeline") as r:
         if r is not None:
-            _, ours = proof.timed(lambda: sample_batch(trainer, batch), repeats=2)
+            autocast = trainer.cfg.autocast
+            for trainer.cfg.autocast in (not autocast, autocast):  # the second is sd15.yaml's
+                sample_batch(trainer, batch)  # warm-up
+                _, ours = proof.timed(lambda: sample_batch(trainer, batch), repeats=2)
+                r[f"trainer_images_per_s_autocast_{trainer.cfg.autocast}"] = round(batch / ours, 3)
             from plural_diffusion.backbone import load_pipeline
 
             plain = load_pipeline(base, dtype=trainer.pipe.unet.dtype, device=device)
@@ -479,7 +543,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             x = traj.latents[:, 0]
 
             def forward():
-                with torch.no_grad(), trainer.accelerator.autocast():
+                with torch.no_grad(), trainer.precision():
                     return guided_noise(
                         trainer.unet,
                         trainer.conditioner,
@@ -529,7 +593,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             prompt, _, z8, _ = trainer.draw_batch(2)
             embeds, negative = trainer._embeds(prompt)
             small = dataclasses.replace(cfg.sampling, steps=2)
-            with torch.no_grad(), trainer.accelerator.autocast():
+            with torch.no_grad(), trainer.precision():
                 t = trainer.policy.sample(
                     prompt_embeds=embeds,
                     negative_embeds=negative,
@@ -554,21 +618,29 @@ def precision_phases(proof: Proof, base: Path, rewards: Path, work: Path, smoke:
         if r is not None:
             for mp in precisions:
                 t = make_trainer(base, rewards, work / mp, smoke, f"mixed_precision={mp}")
-                _, _, zz, tr = sample_batch(t, batch)
-                steps = trainable_steps(t, tr)
                 rows = torch.arange(t.cfg.ddpo.train_batch_size, device=device)
-                t.unet.train()
-                recomputed = step_log_probs(t, tr, zz, rows, steps, grad=False)  # [S, B]
-                stored = tr.log_probs[rows][:, steps].T
-                diff = (recomputed - stored).abs()
-                clip = t.cfg.ddpo.clip_range
-                r[mp] = {
-                    "max_abs_diff": float(diff.max()),
-                    "mean_abs_diff": float(diff.mean()),
-                    "clip_range": clip,
-                    "share_outside_clip": float(((diff.exp() - 1).abs() > clip).float().mean()),
-                }
-                del t, tr
+                # sampled in batches of 8 or of the update's 4, recomputed 4 rows at a time (as
+                # the update does); in the UNet's dtype and under autocast
+                for autocast in (False, True) if mp != "no" else (False,):
+                    for sampled in (batch, len(rows)):
+                        t.cfg.autocast = autocast
+                        _, _, zz, tr = sample_batch(t, sampled)
+                        steps = trainable_steps(t, tr)
+                        t.unet.train()
+                        recomputed = step_log_probs(t, tr, zz, rows, steps, grad=False)  # [S, B]
+                        stored = tr.log_probs[rows][:, steps].T
+                        diff = (recomputed - stored).abs()
+                        clip = t.cfg.ddpo.clip_range
+                        outside = ((diff.exp() - 1).abs() > clip).float().mean()
+                        key = f"{mp}{'_autocast' if autocast else ''}_sampled_{sampled}"
+                        r[key] = {
+                            "max_abs_diff": float(diff.max()),
+                            "mean_abs_diff": float(diff.mean()),
+                            "clip_range": clip,
+                            "share_outside_clip": float(outside),
+                        }
+                        del tr
+                del t
                 release()
 
     with proof.phase("fp16_gradients") as r:
@@ -606,6 +678,12 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=None, help="the JSON to write")
     parser.add_argument("--work", default=None, help="work directory (reused when it exists)")
     parser.add_argument("--phases", default=None, help=f"comma-separated subset of {PHASES}")
+    parser.add_argument(
+        "--minibatch-steps",
+        type=int,
+        default=10,
+        help="denoising steps timed per DDPO minibatch (the rest are extrapolated)",
+    )
     args = parser.parse_args(argv)
     if args.smoke:
         torch.set_num_threads(1)

@@ -387,8 +387,14 @@ def unet_forward(
             encoder_hidden_states = torch.cat([encoder_hidden_states, taste], dim=1)
         else:
             class_labels = taste.to(latents.dtype)  # [B, D]
+    dtype = inner.dtype  # a bf16/fp16 UNet outside autocast needs its inputs in its dtype
+    if class_labels is not None:
+        class_labels = class_labels.to(dtype)
     return unet(
-        latents, t, encoder_hidden_states=encoder_hidden_states, class_labels=class_labels
+        latents.to(dtype),
+        t,
+        encoder_hidden_states=encoder_hidden_states.to(dtype),
+        class_labels=class_labels,
     ).sample
 
 

@@ -13,6 +13,7 @@ steps (DRaFT-K / AlignProp): our heads are differentiable, so it needs far fewer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -167,6 +168,7 @@ class Trainer:
             torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         )
         self.tracker = PerKeyStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count)
+        self._warned_gap = False
         self.generator = torch.Generator().manual_seed(cfg.seed + self.accelerator.process_index)
         # grouped sampling: the rest of a group (prompt, taste, initial noise) a batch cut off
         self.pending = (
@@ -309,6 +311,11 @@ class Trainer:
         null = self.conditioner.null_taste(len(z)).to(z.dtype)
         return torch.where(dropped.to(z.device)[:, None], null, z)
 
+    def precision(self):
+        """The context the policy's UNet and VAE run in: torch.autocast with `autocast: true`,
+        else their own (mixed-precision) dtype, the inputs cast to it by `unet_forward`."""
+        return self.accelerator.autocast() if self.cfg.autocast else contextlib.nullcontext()
+
     def _embeds(self, prompt: torch.Tensor):
         idx = prompt.to(self.device)
         return self.prompt_embeds[idx], self.negative_embeds[idx]
@@ -319,7 +326,7 @@ class Trainer:
         graph kept through the last `grad_last_steps` steps (DRaFT)."""
         prompt, taste, z, noise = self.draw_batch(batch)
         embeds, negative = self._embeds(prompt)
-        with self.accelerator.autocast():
+        with self.precision():
             traj = self.policy.sample(
                 prompt_embeds=embeds,
                 negative_embeds=negative,
@@ -409,6 +416,9 @@ class Trainer:
         self.unet.train()
         names = ["loss", "approx_kl", "clipfrac"] + (["kl_to_base"] if ddpo.kl_weight > 0 else [])
         totals = {name: torch.zeros((), device=self.device) for name in names}
+        # before the first optimizer step the policy is the one that sampled, so any difference
+        # between the recomputed and the stored log-probs is arithmetic (precision, batch shape)
+        gap = torch.zeros((), device=self.device)
         n_terms, updates, accumulate = 0, 0, ddpo.gradient_accumulation
         for _ in range(ddpo.inner_epochs):
             order = torch.randperm(n, generator=self.generator)
@@ -426,7 +436,7 @@ class Trainer:
                 for j in steps.tolist():
                     # per step: each backward frees its graph, the null taste's included
                     z = None if z_all is None else self._policy_taste(z_all[rows], taste[rows_cpu])
-                    with self.accelerator.autocast():
+                    with self.precision():
                         noise_pred = guided_noise(
                             self.unet,
                             self.conditioner,
@@ -458,6 +468,8 @@ class Trainer:
                     self.accelerator.backward(loss / (len(steps) * group))
                     totals["loss"] += loss.detach()
                     log_ratio = (log_prob - old_log_probs[rows, j]).detach()
+                    if updates == 0:
+                        gap = torch.maximum(gap, log_ratio.abs().max())
                     totals["approx_kl"] += 0.5 * (log_ratio**2).mean()
                     totals["clipfrac"] += ((ratio - 1).abs() > ddpo.clip_range).float().mean()
                     n_terms += 1
@@ -466,7 +478,22 @@ class Trainer:
                     updates += 1
         stats = {name: [value.item() / n_terms] for name, value in totals.items()}
         stats["optimizer_steps"] = [updates]
+        stats["logprob_gap"] = [self._check_logprob_gap(gap.item())]
         return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
+
+    def _check_logprob_gap(self, gap: float) -> float:
+        """Warn (once per run) when the first update's recomputed log-probs differ from the
+        sampled ones by more than `clip_range`: PPO would clip updates the policy never made."""
+        clip = self.cfg.ddpo.clip_range
+        if gap > clip and not self._warned_gap:
+            self._warned_gap = True
+            warnings.warn(
+                f"DDPO: the update recomputes log-probs {gap:.2e} away from the sampler's, more "
+                f"than clip_range={clip:g}; sample at the update's shape "
+                f"(ddpo.sample_batch_size=ddpo.train_batch_size) or use mixed_precision=fp16",
+                stacklevel=2,
+            )
+        return gap
 
     def _key_stats(self, prompt, taste, reward):
         """Each sample's (prompt, taste) key's running reward (mean, std), [B] each, from the
@@ -486,7 +513,7 @@ class Trainer:
         """KL between the policy's and the base model's Gaussian step at x_t (adapter disabled)."""
         eta = self.cfg.sampling.eta
         scheduler = self.pipe.scheduler
-        with torch.no_grad(), disable_adapters(self.unet), self.accelerator.autocast():
+        with torch.no_grad(), disable_adapters(self.unet), self.precision():
             base_pred = guided_noise(
                 self.unet, None, x_t, t, embeds, negative, None, self.cfg.sampling.guidance_scale
             )
@@ -549,7 +576,7 @@ class Trainer:
         j = int(torch.randint(max(1, n_free), (1,), generator=self.generator))
         x_t, t = traj.latents[:, j], traj.timesteps[j]
         embeds, negative = traj.prompt_embeds, traj.negative_embeds
-        with self.accelerator.autocast():
+        with self.precision():
             noise_pred = guided_noise(
                 self.unet,
                 self.conditioner,

@@ -49,7 +49,7 @@ def guided_noise(
 ) -> torch.Tensor:
     """The guided model output for latents [B, C, h, w], one UNet call on [uncond; cond]."""
     if guidance_scale == 1.0:
-        return unet_forward(unet, conditioner, latents, t, prompt_embeds, taste)
+        return unet_forward(unet, conditioner, latents, t, prompt_embeds, taste).float()
     batch = latents.shape[0]
     z = route = None
     if conditioner is not None:

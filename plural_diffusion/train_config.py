@@ -133,6 +133,11 @@ class TrainConfig:
     out_dir: str = "runs/policy"
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 needs CUDA (loss scaling)
+    # under bf16/fp16 the frozen UNet and VAE are stored in that dtype. false: they run in it, as
+    # diffusers' pipelines do (LoRA and taste module stay float32 masters). true: under
+    # torch.autocast, which keeps norms and softmax in float32: measured 1.6x slower per UNet
+    # call on an H100 at 512 px (benchmarks/results/gpu_proof.json)
+    autocast: bool = False
     # UNet activation checkpointing: less memory for DDPO minibatches and DRaFT's last steps,
     # at the cost of a second UNet forward in the backward pass (~30% slower per update)
     gradient_checkpointing: bool = False

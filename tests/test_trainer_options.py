@@ -259,3 +259,29 @@ def test_a_cosine_schedule_falls_from_lr_to_lr_final_and_follows_the_epoch(
     bad = toy_config(toy_assets, reward_run, tmp_path, "lr_final=1.5")
     with pytest.raises(UserError, match="lr_final=1.5"):
         Trainer(bad)
+
+
+def test_ddpo_logs_the_first_updates_logprob_gap_and_warns_when_it_exceeds_clip_range(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    """Before its first optimizer step the update recomputes the sampler's own log-probs: on
+    the update's batch shape the same numbers. A sampler whose stored log-probs are off (as
+    bf16 sampling at another batch shape is on a GPU: 3.5e-4, benchmarks/results/gpu_proof.json)
+    shows in the log, and more than clip_range is warned about: PPO would clip a change the
+    policy never made."""
+    same = "ddpo.sample_batch_size=3", "ddpo.sample_batches=2", "ddpo.train_batch_size=3"
+    log = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, *same)).train_epoch()
+    assert log["logprob_gap"] == 0.0
+
+    trainer = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, *same))
+    sample = trainer.policy.sample
+
+    def off_by(*args, **kwargs):
+        traj = sample(*args, **kwargs)
+        traj.log_probs += 1e-3
+        return traj
+
+    monkeypatch.setattr(trainer.policy, "sample", off_by)
+    with pytest.warns(UserWarning, match="recomputes log-probs 1.00e-03 away"):
+        log = trainer.train_epoch()
+    assert log["logprob_gap"] == pytest.approx(1e-3, rel=1e-3)
