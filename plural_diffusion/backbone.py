@@ -21,7 +21,6 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
@@ -33,6 +32,7 @@ from plural_diffusion.conditioning import (
     load_taste_conditioner,
     save_taste_conditioner,
 )
+from plural_diffusion.unwrap import unwrap
 from reward_models.errors import UserError
 from reward_models.io import atomic_dir, load_tensors, read_json, write_json
 
@@ -195,7 +195,7 @@ def disable_adapters(unet: UNet2DConditionModel) -> Iterator[UNet2DConditionMode
 
     `unet` may be wrapped (DDP, torch.compile); the wrapper is yielded.
     """
-    inner = extract_model_from_parallel(unet, keep_torch_compile=False)
+    inner = unwrap(unet)
     inner.disable_adapters()
     try:
         yield unet

@@ -42,7 +42,6 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from accelerate.utils import extract_model_from_parallel
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from torch import nn
@@ -54,6 +53,7 @@ from plural_diffusion.experts import (
     routing_temperature,
     set_gate,
 )
+from plural_diffusion.unwrap import unwrap
 from reward_models.config import from_dict, to_dict
 from reward_models.errors import UserError
 from reward_models.io import atomic_dir, load_tensors, read_json, save_tensors, write_json
@@ -358,7 +358,7 @@ def unet_forward(
     inputs (zero tokens / zero embedding), e.g. for a KL-to-base reference with LoRA disabled.
     `unet` may be wrapped (DDP, torch.compile): the wrapper is called, the model inside inspected.
     """
-    inner = extract_model_from_parallel(unet, keep_torch_compile=False)
+    inner = unwrap(unet)
     batch = latents.shape[0]
     n_tokens = _attached_tokens(inner)
     has_slot = isinstance(inner.class_embedding, TasteEmbeddingSlot)

@@ -26,8 +26,9 @@ gradient checkpointing, which re-runs the forward during backward, sees the same
 from __future__ import annotations
 
 import torch
-from accelerate.utils import extract_model_from_parallel
 from torch import nn
+
+from plural_diffusion.unwrap import unwrap
 
 ADAPTER = "default"  # peft's adapter name (as in backbone.ADAPTER)
 
@@ -72,7 +73,7 @@ def _hook(holder: _GateHolder):
 
 def install_experts(unet, n_experts: int) -> None:
     """Hook the UNet's LoRA so its rank splits into `n_experts` gated blocks (idempotent)."""
-    inner = extract_model_from_parallel(unet, keep_torch_compile=False)
+    inner = unwrap(unet)
     remove_experts(inner)
     modules = _lora_a_modules(inner)
     assert modules, "install_experts needs a UNet with a LoRA adapter"
@@ -84,7 +85,7 @@ def install_experts(unet, n_experts: int) -> None:
 
 
 def remove_experts(unet) -> None:
-    inner = extract_model_from_parallel(unet, keep_torch_compile=False)
+    inner = unwrap(unet)
     for handle in getattr(inner, "_taste_expert_hooks", []):
         handle.remove()
     inner._taste_expert_hooks = []
@@ -92,13 +93,13 @@ def remove_experts(unet) -> None:
 
 
 def has_experts(unet) -> bool:
-    inner = extract_model_from_parallel(unet, keep_torch_compile=False)
+    inner = unwrap(unet)
     return getattr(inner, "_taste_expert_holder", None) is not None
 
 
 def set_gate(unet, gates: torch.Tensor) -> None:
     """Route the next UNet calls: gates [B, E] (rows of the UNet's batch)."""
-    inner = extract_model_from_parallel(unet, keep_torch_compile=False)
+    inner = unwrap(unet)
     holder = inner._taste_expert_holder
     holder.value = gates.repeat_interleave(holder.rank, dim=1)  # [B, E * r]
 

@@ -249,3 +249,15 @@ def test_saving_again_replaces_the_checkpoint_atomically(tmp_path):
             resumed(latents, t, encoder_hidden_states=text).sample,
             unet(latents, t, encoder_hidden_states=text).sample,
         )
+
+
+def test_unwrap_peels_compile_and_data_parallel_wrappers_without_walking_modules(monkeypatch):
+    from torch import nn
+
+    from plural_diffusion.unwrap import unwrap
+
+    inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    monkeypatch.setattr(nn.Module, "named_modules", lambda *a, **k: pytest.fail("walked"))
+    assert unwrap(inner) is inner
+    assert unwrap(torch.compile(inner)) is inner
+    assert unwrap(nn.DataParallel(torch.compile(inner))) is inner
