@@ -397,11 +397,8 @@ class Trainer:
         prompt = torch.cat([b[0] for b in batches])
         taste = torch.cat([b[1] for b in batches])
         reward = torch.cat([b[3] for b in batches]).float()
-        compared = reward
-        if ddpo.baseline == "group":
-            compared = reward - self._group_baseline(batches)
-        mean, std = self._key_stats(prompt, taste, compared)
-        advantages = ((compared - mean) / std).clamp(-ddpo.adv_clip_max, ddpo.adv_clip_max)
+        mean, std = self._key_stats(prompt, taste, reward)
+        advantages = ((reward - mean) / std).clamp(-ddpo.adv_clip_max, ddpo.adv_clip_max)
         n = len(reward)
 
         latents = torch.cat([b[2].latents for b in batches])  # [N, T + 1, C, h, w]
@@ -497,30 +494,6 @@ class Trainer:
                 stacklevel=2,
             )
         return gap
-
-    @torch.no_grad()
-    def _group_baseline(self, batches) -> torch.Tensor:
-        """`ddpo.baseline=group`: for each image i, [N], the mean reward for i's taste of the
-        other images of its group (same prompt and initial noise, asked for other tastes).
-        They are sampled independently of i given the noise, so the baseline leaves the policy
-        gradient unbiased; an image with no group-mate in this epoch (a group cut at the epoch's
-        end) is compared with every other image of the epoch instead."""
-        prompt = torch.cat([b[0] for b in batches]).to(self.device)
-        z = torch.cat([b[4] for b in batches]).float()
-        start = torch.cat([b[2].latents[:, 0] for b in batches]).flatten(1)
-        with torch.autocast(self.device.type, enabled=False):
-            features = self.rewards.features(torch.cat([b[2].images for b in batches]).float())
-            n = len(z)
-            # cross[i, j]: image j's reward for image i's taste
-            cross = self.rewards.taste_head.score(
-                features.repeat(n, 1), z.repeat_interleave(n, dim=0)
-            ).view(n, n)
-        same = (prompt[:, None] == prompt[None, :]) & (start[:, None] == start[None, :]).all(-1)
-        others = ~torch.eye(n, dtype=torch.bool, device=self.device)
-        mates = same & others
-        alone = ~mates.any(dim=1)
-        mates[alone] = others[alone]
-        return (cross * mates).sum(dim=1) / mates.sum(dim=1)
 
     def _key_stats(self, prompt, taste, reward):
         """Each sample's (prompt, taste) key's running reward (mean, std), [B] each, from the

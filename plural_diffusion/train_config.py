@@ -63,12 +63,6 @@ class DDPOSettings:
     # reference), so 1e-3 per element is ~0.26 nats for a whole 4x8x8 toy latent.
     clip_range: float = 1e-3
     adv_clip_max: float = 5.0
-    # what an image's reward is compared with before the per-key normalisation. "key": the
-    # running mean of its (prompt, taste) key. "group" (matched, grouped tastes): first the
-    # rewards, for its taste, of the images its group made for the other tastes from the same
-    # prompt and noise; the noise's own luck cancels, and a taste is rewarded for what sets its
-    # images apart from the others'
-    baseline: Literal["key", "group"] = "key"
     stat_buffer: int = 64  # rewards remembered per (prompt, taste) key
     stat_min_count: int = 8  # below this many, a key uses the batch's statistics
     kl_weight: float = 0.0  # KL-to-base penalty (base = same UNet, adapter disabled)
@@ -197,14 +191,6 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
     if cfg.ddpo.gradient_accumulation < 1:
         raise UserError(
             f"ddpo.gradient_accumulation={cfg.ddpo.gradient_accumulation}: must be >= 1"
-        )
-    if cfg.ddpo.baseline == "group" and not (
-        cfg.objective == "matched" and cfg.taste.grouped and cfg.taste.source != "raters"
-    ):
-        raise UserError(
-            "ddpo.baseline=group compares the images one prompt and noise made for each taste "
-            "cluster: it needs objective=matched, taste.grouped=true and taste.source=clusters "
-            "or latents; use ddpo.baseline=key"
         )
     if not 0.0 <= cfg.conditioning.taste_dropout < 1.0:
         raise UserError(

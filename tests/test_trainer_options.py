@@ -2,8 +2,6 @@
 scaling, gradient accumulation, rewards in float32, decoder checkpointing, taste dropout and
 a checkpoint that loads without unpickling."""
 
-import math
-
 import pytest
 import torch
 from test_trainer import toy_config
@@ -287,31 +285,3 @@ def test_ddpo_logs_the_first_updates_logprob_gap_and_warns_when_it_exceeds_clip_
     with pytest.warns(UserWarning, match="recomputes log-probs 1.00e-03 away"):
         log = trainer.train_epoch()
     assert log["logprob_gap"] == pytest.approx(1e-3, rel=1e-3)
-
-
-def test_the_group_baseline_is_the_rewards_for_each_taste_of_its_group_mates_images(
-    toy_assets, reward_run, tmp_path
-):
-    """ddpo.baseline=group: an image is compared with the images its prompt and noise made for
-    the other tastes, scored for its own taste; an image whose group the epoch cut off is
-    compared with all the others."""
-    trainer = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.baseline=group"))
-    k = len(trainer.taste_names)
-    with torch.no_grad():
-        prompt, taste, z, traj = trainer._sample_batch(k + 1)  # one group and one cut off
-        reward = trainer._reward(traj.images, z, taste)
-        baseline = trainer._group_baseline([(prompt, taste, traj, reward, z)])
-        for i in range(k + 1):
-            mates = [j for j in range(k) if j != i] if i < k else list(range(k))
-            for_i = trainer._reward(traj.images[mates], z[i].expand(len(mates), -1), taste[mates])
-            torch.testing.assert_close(baseline[i], for_i.mean(), rtol=1e-5, atol=1e-6)
-    assert torch.equal(traj.latents[0, 0], traj.latents[k - 1, 0])  # a group shares its noise
-    log = trainer.train_epoch()
-    assert math.isfinite(log["loss"]) and log["optimizer_steps"] >= 1
-
-
-def test_the_group_baseline_needs_grouped_tastes(toy_assets, reward_run, tmp_path):
-    with pytest.raises(UserError, match="ddpo.baseline=group .* use ddpo.baseline=key"):
-        Trainer(
-            ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.baseline=group", "objective=mean")
-        )
