@@ -334,25 +334,29 @@ def markdown(bench: BenchConfig, summary: dict) -> str:
         return f"{s['median']:.3f} [{s['min']:.3f}, {s['max']:.3f}]"
 
     lines = [
-        "| cluster | ratings | gold (random) | gold (active) | win vs mean (random) "
-        "| win vs mean (active) | win vs base (active) | gap to oracle (random) "
-        "| gap to oracle (active) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| cluster | oracle (own cluster asked) | `mean` policy | base |",
+        "|---|---|---|---|",
     ]
     for c, v in summary.items():
         ref = v["reference"]
         lines.append(
-            f"| {c} | oracle {cell(ref['oracle'])}, mean policy {cell(ref['mean_policy'])}, "
-            f"base {cell(ref['base'])} | | | | | | | |"
+            f"| {c} | {cell(ref['oracle'])} | {cell(ref['mean_policy'])} | {cell(ref['base'])} |"
         )
+    lines += [
+        "",
+        "| cluster | ratings | query | gold utility | win vs `mean` | win vs base "
+        "| gap to oracle | nearest cluster = own |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for c, v in summary.items():
         for k in bench.ks:
-            r, a = v[f"random_k{k}"], v[f"active_k{k}"]
-            lines.append(
-                f"| {c} | {k} | {cell(r['gold'])} | {cell(a['gold'])} "
-                f"| {cell(r['win_vs_mean'])} | {cell(a['win_vs_mean'])} "
-                f"| {cell(a['win_vs_base'])} | {cell(r['gap_to_oracle'])} "
-                f"| {cell(a['gap_to_oracle'])} |"
-            )
+            for strategy in STRATEGIES:
+                x = v[f"{strategy}_k{k}"]
+                lines.append(
+                    f"| {c} | {k} | {strategy} | {cell(x['gold'])} | {cell(x['win_vs_mean'])} "
+                    f"| {cell(x['win_vs_base'])} | {cell(x['gap_to_oracle'])} "
+                    f"| {x['nearest_is_own']['median']:.2f} |"
+                )
     return "\n".join(lines)
 
 

@@ -106,10 +106,22 @@ class RateSession:
         return self.out / RATINGS_NAME
 
     def _read_saved(self) -> list[tuple[Path, float]]:
+        """The ratings a previous session saved (kept, and counted in the taste)."""
         if not self.ratings_file.is_file():
             return []
         df = pd.read_csv(self.ratings_file, dtype={"image": str})
-        return [(self.out / str(i), float(s)) for i, s in zip(df["image"], df["score"])]
+        ok = {"image", "score"} <= set(df.columns)
+        scores = pd.to_numeric(df["score"], errors="coerce") if ok else None
+        if scores is None or scores.isna().any() or df["image"].isna().any():
+            raise UserError(
+                f"{self.ratings_file}: not a ratings file of this page (image, score columns with "
+                "numbers); move it away or choose another --out folder"
+            )
+        paths = [(self.out / name).resolve() for name in df["image"]]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise UserError(f"{self.ratings_file}: rated image {missing[0]} is missing")
+        return list(zip(paths, scores.astype(float).tolist()))
 
     def _save(self) -> None:
         rows = [{"image": relative_name(p, self.out), "score": s} for p, s in self.rated]
@@ -179,8 +191,9 @@ class RateSession:
 
     @property
     def prompts(self) -> list[str]:
-        info = CheckpointInfo.read(self.cfg.checkpoint)
-        return self.cfg.prompts or info.config.get("prompts", [])[:2] or ["an image"]
+        """The prompts to generate for: the user's, else the checkpoint's first two."""
+        trained = CheckpointInfo.read(self.cfg.checkpoint).config.get("prompts", [])
+        return list(self.cfg.prompts) or trained[:2] or ["an image"]
 
     def _generate(self, job_id: int, taste: Taste) -> None:
         try:

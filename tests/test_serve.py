@@ -190,8 +190,12 @@ def test_a_checkpoint_that_cannot_take_a_taste_is_a_one_line_error(
     shutil.rmtree(blind / "taste_conditioner")
     no_rater = tmp_path / "run"
     shutil.copytree(reward_run, no_rater, ignore=shutil.ignore_patterns("rater"))
+    spoiled = tmp_path / "spoiled"
+    spoiled.mkdir()
+    (spoiled / "ratings.csv").write_text("image,score\nx.png,lots\n")
     for args, says in (
         (["--checkpoint", str(blind)], "no taste conditioner"),
+        (["--checkpoint", str(matched_checkpoint), "--out", str(spoiled)], "not a ratings file"),
         (["--checkpoint", str(matched_checkpoint), "--rewards", str(no_rater)], "no rater head"),
         (
             ["--collect", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--rater", "a"],
@@ -204,6 +208,7 @@ def test_a_checkpoint_that_cannot_take_a_taste_is_a_one_line_error(
                     else ["serve", *args])  # fmt: skip
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+    assert (spoiled / "ratings.csv").read_text() == "image,score\nx.png,lots\n"  # left as it was
 
 
 # ---- in the browser ------------------------------------------------------------------------
