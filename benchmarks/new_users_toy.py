@@ -39,6 +39,7 @@ from plural_diffusion.cache import cache_root
 from plural_diffusion.configs import config_path
 from plural_diffusion.demo import DemoConfig, stage_policy, stage_rewards
 from plural_diffusion.evaluate import gold_in_head_order
+from plural_diffusion.experts import expert_gates, routing_temperature
 from plural_diffusion.generate import Taste, generate_images
 from plural_diffusion.new_user import infer_taste, next_query
 from plural_diffusion.policy import CheckpointInfo, SamplingOverrides, TastePolicy, resolve_settings
@@ -169,6 +170,9 @@ def run_seed(bench: BenchConfig, seed: int) -> dict:
     pool_features = rewards.encoder.encode_images(pool_images, progress=False)
     pool_gold = gold_utility(pool_images, users.raters)  # [M, U]
 
+    # how a taste mixes the policy's taste-routed LoRA experts (`plural_diffusion.experts`)
+    centroids = rewards.cluster_tastes.cpu()
+    temperature = routing_temperature(centroids)
     tastes: list[Taste] = []  # what the matched policy is asked for, one per (user, strategy, k)
     rows = []
     bar = tqdm(total=len(users.raters.ids) * len(STRATEGIES), desc=f"seed {seed}: asking")
@@ -180,6 +184,8 @@ def run_seed(bench: BenchConfig, seed: int) -> dict:
             g = torch.Generator().manual_seed(1000 * seed + u)  # the same first images for both
             for k, taste in ask(bench, rewards, pool_features, answers, strategy, g, seed).items():
                 nearest = taste.nearest_clusters(names)[0]
+                own = names.index(gold_names[int(users.raters.cluster[u])])
+                gates = expert_gates(taste.z[None], centroids, temperature)[0]
                 rows.append(
                     {
                         "rater": rater,
@@ -188,6 +194,7 @@ def run_seed(bench: BenchConfig, seed: int) -> dict:
                         "k": k,
                         "nearest_cluster": nearest[0],
                         "nearest_probability": round(nearest[1], 3),
+                        "own_expert_gate": float(gates[own]),
                         "taste": len(tastes),
                     }
                 )
@@ -249,6 +256,13 @@ def run_seed(bench: BenchConfig, seed: int) -> dict:
         row["win_vs_mean"] = win_rate(mine, mean_gold[:, u])
         row["win_vs_base"] = win_rate(mine, base_gold[:, u])
         row["gap_to_oracle"] = ref["oracle"] - row["gold"]
+        # the same user asked by their most probable cluster's taste (a taste the policy was
+        # trained on): those are the oracle images of that cluster, already generated
+        near = oracle_gold[row["nearest_cluster"]][:, u]
+        row["gold_nearest"] = float(near.mean())
+        row["win_vs_mean_nearest"] = win_rate(near, mean_gold[:, u])
+        row["win_vs_base_nearest"] = win_rate(near, base_gold[:, u])
+        row["gap_to_oracle_nearest"] = ref["oracle"] - row["gold_nearest"]
     return {
         "seed": seed,
         "clusters": names,
@@ -263,6 +277,7 @@ def run_seed(bench: BenchConfig, seed: int) -> dict:
 
 # ---- summary ---------------------------------------------------------------------------------
 FIGURES = ("gold", "win_vs_mean", "win_vs_base", "gap_to_oracle")
+TASTES = ("", "_nearest")  # the fitted taste; the most probable cluster's taste
 
 
 def _spread(values: list[float]) -> dict:
@@ -290,14 +305,15 @@ def summarise(bench: BenchConfig, seeds: list[dict]) -> dict:
         }
         for strategy in STRATEGIES:
             for k in bench.ks:
-                per_seed = {f: [] for f in (*FIGURES, "nearest_is_own")}
+                figures = [f + t for t in TASTES for f in FIGURES] + ["own_expert_gate"]
+                per_seed = {f: [] for f in (*figures, "nearest_is_own")}
                 for s in seeds:
                     mine = [
                         r
                         for r in s["rows"]
                         if r["cluster"] == c and r["strategy"] == strategy and r["k"] == k
                     ]
-                    for f in FIGURES:
+                    for f in figures:
                         per_seed[f].append(statistics.fmean(r[f] for r in mine))
                     per_seed["nearest_is_own"].append(
                         statistics.fmean(r["nearest_cluster"] == c for r in mine)
@@ -316,14 +332,16 @@ def goal(bench: BenchConfig, summary: dict, seeds: list[dict]) -> dict:
         if c == major:
             continue
         for strategy in STRATEGIES:
-            cell = summary[c][f"{strategy}_k{bench.goal_k}"]
-            win, gap = cell["win_vs_mean"]["median"], cell["gap_to_oracle"]["median"]
-            out[f"{c}/{strategy}"] = {
-                "win_vs_mean": win,
-                "gap_to_oracle": gap,
-                "beats_mean_80": win >= 0.8,
-                "within_0.05_of_oracle": gap <= 0.05,
-            }
+            for taste, label in zip(TASTES, ("fitted", "nearest_cluster")):
+                cell = summary[c][f"{strategy}_k{bench.goal_k}"]
+                win = cell["win_vs_mean" + taste]["median"]
+                gap = cell["gap_to_oracle" + taste]["median"]
+                out[f"{c}/{strategy}/{label}"] = {
+                    "win_vs_mean": win,
+                    "gap_to_oracle": gap,
+                    "beats_mean_80": win >= 0.8,
+                    "within_0.05_of_oracle": gap <= 0.05,
+                }
     return out
 
 
@@ -345,8 +363,9 @@ def markdown(bench: BenchConfig, summary: dict) -> str:
     lines += [
         "",
         "| cluster | ratings | query | gold utility | win vs `mean` | win vs base "
-        "| gap to oracle | nearest cluster = own |",
-        "|---|---|---|---|---|---|---|---|",
+        "| gap to oracle | own expert's gate | nearest cluster = own "
+        "| gold, nearest cluster's taste | win vs `mean`, nearest | gap to oracle, nearest |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c, v in summary.items():
         for k in bench.ks:
@@ -355,7 +374,9 @@ def markdown(bench: BenchConfig, summary: dict) -> str:
                 lines.append(
                     f"| {c} | {k} | {strategy} | {cell(x['gold'])} | {cell(x['win_vs_mean'])} "
                     f"| {cell(x['win_vs_base'])} | {cell(x['gap_to_oracle'])} "
-                    f"| {x['nearest_is_own']['median']:.2f} |"
+                    f"| {x['own_expert_gate']['median']:.2f} "
+                    f"| {x['nearest_is_own']['median']:.2f} | {cell(x['gold_nearest'])} "
+                    f"| {cell(x['win_vs_mean_nearest'])} | {cell(x['gap_to_oracle_nearest'])} |"
                 )
     return "\n".join(lines)
 
@@ -374,8 +395,11 @@ def plot(bench: BenchConfig, summary: dict, path: Path, note: str) -> None:
             med = [summary[c][f"{strategy}_k{k}"]["gold"]["median"] for k in bench.ks]
             lo = [summary[c][f"{strategy}_k{k}"]["gold"]["min"] for k in bench.ks]
             hi = [summary[c][f"{strategy}_k{k}"]["gold"]["max"] for k in bench.ks]
-            ax.plot(bench.ks, med, marker="o", color=colours[strategy], label=strategy)
+            ax.plot(bench.ks, med, marker="o", color=colours[strategy], label=f"{strategy}, fitted")
             ax.fill_between(bench.ks, lo, hi, color=colours[strategy], alpha=0.15)
+            near = [summary[c][f"{strategy}_k{k}"]["gold_nearest"]["median"] for k in bench.ks]
+            ax.plot(bench.ks, near, marker="x", ls="--", color=colours[strategy],
+                    label=f"{strategy}, nearest cluster")  # fmt: skip
         ref = summary[c]["reference"]
         for name, colour, style in (
             ("oracle", "#059669", "-"),
