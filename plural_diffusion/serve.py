@@ -175,19 +175,30 @@ class RateSession:
             return f"saved {len(scores)} ratings ({len(self.rated)} in all) to {self.ratings_file}"
 
     # ---- generation --------------------------------------------------------------------
-    def start_generation(self) -> str:
+    def start_generation(self, kind: str = "fitted") -> str:
+        """Start generating for the fitted taste (what `generate --ratings` uses) or, with
+        kind="cluster", for the most probable cluster's taste (one the policy was trained on)."""
         with self.lock:
+            if kind not in ("fitted", "cluster"):
+                raise UserError(f"unknown taste {kind[:20]!r}: choose fitted or cluster")
             if self.job["state"] == "running":
                 raise UserError("images are already being generated; wait for them below")
             if len(self.rated) < 2:
                 raise UserError("rate at least 2 images first: a taste needs two ratings")
+            if kind == "cluster":
+                k = int(self.taste.cluster_probability.argmax())
+                name = self.rewards.cluster_names[k]
+                z = self.rewards.cluster_tastes[k].detach().cpu()
+                taste = Taste(f"cluster {name}", f"cluster:{name}", z)
+            else:
+                z = self.taste.z.clone()
+                taste = Taste(f"you ({len(self.rated)} ratings)", "ratings", z)
             job_id = self.job["id"] + 1
-            taste = Taste(f"you ({len(self.rated)} ratings)", "ratings", self.taste.z.clone())
             total = len(self.prompts) * self.cfg.seeds
             self.job = {"id": job_id, "state": "running", "done": 0, "total": total,
                         "error": None, "files": []}  # fmt: skip
         threading.Thread(target=self._generate, args=(job_id, taste), daemon=True).start()
-        return f"generating {total} images for your taste"
+        return f"generating {total} images for {taste.label}"
 
     @property
     def prompts(self) -> list[str]:
@@ -246,8 +257,13 @@ PAGE = """
 {% else %}<p>Every candidate image is rated.</p>{% endif %}
 <h2>Images for your taste</h2>
 <form method="post" action="{{ url_for('generate') }}" id="generate">
-<button type="submit" {% if n_rated < 2 %}disabled{% endif %}>Generate images for my taste</button>
+<button type="submit" name="taste" value="fitted" {% if n_rated < 2 %}disabled{% endif %}>
+Generate images for my taste</button>
+<button type="submit" name="taste" value="cluster" {% if n_rated < 2 %}disabled{% endif %}>
+Generate for my nearest cluster{% if n_rated >= 2 %} ({{ clusters[0][0] }}){% endif %}</button>
 </form>
+<p class="muted">Your own taste is fitted to your ratings; the nearest cluster's taste is one the
+policy was trained on, often sharper when the page is sure of the cluster.</p>
 <p><progress id="progress" max="1" value="0" hidden></progress> <span id="status"></span></p>
 <div class="gallery" id="gallery"></div>
 <script>
@@ -314,7 +330,7 @@ def create_app(session: RateSession) -> Flask:
     @app.post("/generate")
     def generate():
         try:
-            message = session.start_generation()
+            message = session.start_generation(request.form.get("taste", "fitted"))
         except UserError as e:
             return show(str(e), "error", 409)
         return redirect(url_for("index", message=message), 303)

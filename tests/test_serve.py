@@ -146,7 +146,9 @@ def test_rounds_save_the_ratings_generate_reads_and_stale_forms_save_nothing(
 ):
     from plural_diffusion.generate import taste_from_ratings_file
 
-    cfg = ServeConfig(str(matched_checkpoint), out=str(tmp_path / "me"), per_round=3, pool=40)
+    cfg = ServeConfig(
+        str(matched_checkpoint), out=str(tmp_path / "me"), per_round=3, pool=40, seeds=2
+    )
     app, session = build(cfg)
     client = app.test_client()
     first = list(session.questions)
@@ -176,6 +178,21 @@ def test_rounds_save_the_ratings_generate_reads_and_stale_forms_save_nothing(
     assert "From your 3 ratings" in page and 'id="nearest"' in page
     probs = session.taste.cluster_probability
     assert probs.sum().item() == pytest.approx(1.0)
+
+    # images for the most probable cluster's taste; a taste the page does not offer is refused
+    bogus = client.post("/generate", data={"taste": "../x"})
+    assert bogus.status_code == 409 and "unknown taste" in bogus.get_data(as_text=True)
+    assert client.post("/generate", data={"taste": "cluster"}).status_code == 303
+    deadline = time.time() + 120
+    while (job := client.get("/progress").get_json())["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.2)
+    assert job["state"] == "done" and job["done"] == job["total"] == 2 * cfg.seeds
+    assert client.get(job["images"][0]).status_code == 200
+    assert client.get(f"/generated/{job['id']}/99").status_code == 404
+    manifest = json.loads(next((tmp_path / "me" / "generated").glob("*/manifest.json")).read_text())
+    nearest = session.taste.nearest_clusters(session.rewards.cluster_names)[0][0]
+    assert manifest["tastes"][0]["spec"] == f"cluster:{nearest}"
 
     # a restarted server reads the ratings back
     _, again = build(cfg)
