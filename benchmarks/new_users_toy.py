@@ -408,6 +408,7 @@ def plot(bench: BenchConfig, summary: dict, path: Path, note: str) -> None:
         ):
             ax.axhline(ref[name]["median"], color=colour, ls=style, lw=1.2, label=name)
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(bench.ks, [str(k) for k in bench.ks])
         ax.set_title(c)
         ax.set_xlabel("ratings by the new rater")
@@ -429,7 +430,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ks", type=int, nargs="+", default=[3, 5, 10, 20])
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--tag", default="", help="suffix for the result files")
+    p.add_argument("--replot", action="store_true", help="redraw the plot from the saved JSON")
     args = p.parse_args(argv)
+    stem = "new_users_toy" + (f"-{args.tag}" if args.tag else "")
+    if args.replot:
+        saved = json.loads((args.out / f"{stem}.json").read_text())
+        bench = BenchConfig(**saved["config"])
+        plot(bench, saved["summary"], args.out / f"{stem}.png", saved["command"])
+        print(f"redrew {args.out / stem}.png from {stem}.json")
+        return
     if min(args.ks) < 2:
         raise SystemExit("--ks: a taste needs at least 2 ratings")
     torch.set_num_threads(1)  # a shared 2-core machine; the models are tiny
