@@ -113,13 +113,19 @@ class Collector:
 
     # ---- plans -------------------------------------------------------------------------
     def _plan(self, rater: str) -> dict[str, list]:
-        """The images this rater scores and the pairs they compare, fixed by seed and name."""
+        """The images this rater scores and the pairs they compare, fixed by seed and name: each
+        image and each pair at most once (fewer than asked when the folder has too few)."""
         rng = random.Random(f"{self.cfg.seed}:{rater}")
         n = len(self.images)
-        scores = [rng.randrange(n) for _ in range(self.cfg.scores_per_rater)]
-        if self.cfg.scores_per_rater <= n:
-            scores = rng.sample(range(n), self.cfg.scores_per_rater)
-        pairs = [tuple(rng.sample(range(n), 2)) for _ in range(self.cfg.pairs_per_rater)]
+        scores = rng.sample(range(n), min(n, self.cfg.scores_per_rater))
+        wanted = min(n * (n - 1) // 2, self.cfg.pairs_per_rater)
+        pairs: list[tuple[int, int]] = []
+        seen: set[frozenset] = set()
+        while len(pairs) < wanted:
+            a, b = rng.sample(range(n), 2)
+            if frozenset((a, b)) not in seen:
+                seen.add(frozenset((a, b)))
+                pairs.append((a, b))
         return {"scores": scores, "pairs": pairs}
 
     def done(self, rater: str) -> dict[str, int]:

@@ -109,6 +109,16 @@ def test_collect_appends_each_raters_answers_to_tables_reward_models_reads(image
     assert (out / ".rater-tokens.json").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_raters_plan_asks_each_image_and_each_pair_at_most_once(image_dir, tmp_path):
+    c = collector(image_dir, tmp_path / "o", scores_per_rater=50, pairs_per_rater=50)
+    plan = c.plans["alice"]
+    assert sorted(plan["scores"]) == list(range(6))  # 6 images: each once
+    assert len({frozenset(p) for p in plan["pairs"]}) == len(plan["pairs"]) == 15
+    assert c.plans["bob"] != plan  # each rater their own order
+    again = collector(image_dir, tmp_path / "o", scores_per_rater=50, pairs_per_rater=50)
+    assert again.plans["alice"] == plan  # the same after a restart
+
+
 def test_collect_refuses_bad_rater_names_and_foreign_tables(image_dir, tmp_path):
     with pytest.raises(UserError, match="rater names"):
         Collector(CollectConfig(str(image_dir), str(tmp_path / "o"), ["../evil"]))
