@@ -9,7 +9,7 @@ how sure that is) and gets images generated for that taste.
     generate  the policy generates for the taste in a background thread; the page polls
               /progress and shows the images as they are written to OUT/generated/NNN/
 
-Every form carries the round it was made for: a stale or replayed form (a second tab, the back
+Every form carries the round it was made for (a random token, new each round and each start): a stale or replayed form (a second tab, the back
 button, a double submit) is refused with a message and saves nothing. A restarted server reads
 OUT/ratings.csv back, so nothing already rated is lost. Images are addressed by their index in
 lists the server made, never by a path from the browser.
@@ -17,6 +17,7 @@ lists the server made, never by a path from the browser.
 
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,7 @@ class RateSession:
         self.pool = [files[i] for i in pick]
         self.features = rewards.encoder.encode_images(self.pool, progress=False)  # [M, D]
         self.rated: list[tuple[Path, float]] = self._read_saved()
-        self.round = 0
+        self.round = ""  # the current round's token
         self.questions: list[int] = []
         self.taste = None
         self.job = {"id": 0, "state": "idle", "done": 0, "total": 0, "error": None, "files": []}
@@ -154,13 +155,13 @@ class RateSession:
             j = next_query(self.rewards, self.taste, self.features[left], ref, seed=self.cfg.seed)
             picks.append(left.pop(j))
         self.questions = picks
-        self.round += 1
+        self.round = secrets.token_urlsafe(8)
 
     def submit(self, form) -> str:
         """Record a round's scores (all or nothing); a message for the page, or a UserError."""
         lo, hi = self.cfg.score_range
         with self.lock:
-            if form.get("round") != str(self.round):
+            if form.get("round") != self.round:
                 raise UserError(
                     "this form is out of date (it was already submitted, or another tab moved "
                     "on); nothing from it was saved - rate the images below instead"

@@ -83,6 +83,9 @@ def test_collect_appends_each_raters_answers_to_tables_reward_models_reads(image
     assert bad.status_code == 400 and "is not a number" in bad.get_data(as_text=True)
     bad = client.post(alice, data={"task": "scores-1", "score": "12"})
     assert "out of range" in bad.get_data(as_text=True)
+    bad = client.post(alice, data={"task": "scores-1", "score": "<b>7</b>"})
+    shown = bad.get_data(as_text=True)
+    assert "&lt;b&gt;7&lt;/b&gt;" in shown and "<b>7</b>" not in shown  # echoed, escaped
     bad = client.post(alice, data={"task": "scores-1", "score": "4", "image": "../../etc/passwd"})
     assert bad.status_code == 303  # fields the form does not have are ignored
     assert client.post(alice, data={"task": "pairs-1", "winner": "left"}).status_code == 400
@@ -164,7 +167,7 @@ def test_rounds_save_the_ratings_generate_reads_and_stale_forms_save_nothing(
     first = list(session.questions)
     assert len(first) == 3 and len(set(first)) == 3
     assert "No taste yet" in client.get("/").get_data(as_text=True)
-    form = {"round": "1", **{f"score_{i}": str(s) for i, s in zip(first, (9, 2, 5))}}
+    form = {"round": session.round, **{f"score_{i}": str(s) for i, s in zip(first, (9, 2, 5))}}
     assert client.post("/rate", data=form).status_code == 303
     replay = client.post("/rate", data=form)
     assert replay.status_code == 400 and "out of date" in replay.get_data(as_text=True)
@@ -173,7 +176,7 @@ def test_rounds_save_the_ratings_generate_reads_and_stale_forms_save_nothing(
     assert not set(session.questions) & set(first)  # the next round asks other images
 
     # a bad score: a message, and the file is as it was
-    bad = {"round": "2", **{f"score_{i}": "4" for i in session.questions}}
+    bad = {"round": session.round, **{f"score_{i}": "4" for i in session.questions}}
     bad[f"score_{session.questions[1]}"] = "11"
     response = client.post("/rate", data=bad)
     assert response.status_code == 400 and "image 2: 11 is out of range" in response.get_data(
