@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SPEC",
-        help="cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean (repeatable; "
+        help="cluster:NAME_OR_INDEX, rater:ID, ratings:FILE, nearest:FILE or mean (repeatable; "
         "default: every cluster, or mean for a taste-blind policy)",
     )
     gen.add_argument(
@@ -456,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--taste",
         default="mean",
         metavar="SPEC",
-        help="the taste to bake in: cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean "
+        help="the taste to bake in: cluster:NAME_OR_INDEX, rater:ID, ratings:FILE, nearest:FILE or mean "
         "(default mean)",
     )
     export.add_argument(
