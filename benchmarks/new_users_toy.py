@@ -61,7 +61,7 @@ class BenchConfig:
     ks: list[int] = field(default_factory=lambda: [3, 5, 10, 20])
     query_start: int = 2  # random images before the active query takes over
     query_pool: int = 300  # candidate images a new rater may be asked about
-    # new raters are drawn with seed rater_seed + 100 * S + cluster, disjoint from the world's
+    # new raters are drawn with seed rater_seed + 100 * S + cluster, not the world's raters' seed
     rater_seed: int = 10_000
     goal_k: int = 10
 
@@ -78,8 +78,8 @@ def seed_stages(seed: int) -> dict:
     assets = prepare_toy(cfg.prepare, root=root, progress=False)
     run = stage_rewards(cfg, assets, root)
     world = load_world(assets.world)
-    probe = TasteRewards(str(run))
-    gold_fn = gold_in_head_order(world, probe.cluster_names)
+    # the trainer logs gold utility per cluster, in the order of the run's clusters
+    gold_fn = gold_in_head_order(world, TasteRewards(str(run)).cluster_names)
     policies = {
         p: stage_policy(cfg, p, assets.base, run, gold_fn, root) / "policy"
         for p in ("mean", "matched")

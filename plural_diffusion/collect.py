@@ -181,13 +181,13 @@ PAGE = """
 to this link.</p>
 {% if task is none %}<p id="finished">All done - thank you!</p>
 {% elif task[0] == "scores" %}
-<form method="post" id="score" novalidate><input type="hidden" name="task" value="{{ task_id }}">
+<form method="post" action="{{ url_for('rater_answer', token=token) }}" id="score" novalidate><input type="hidden" name="task" value="{{ task_id }}">
 <div class="card"><img src="{{ url_for('image', token=token, index=images[0]) }}" alt="image"></div>
 <label>How much do you like this image? ({{ low }} = not at all, {{ high }} = very much)<br>
 <input type="number" name="score" min="{{ low }}" max="{{ high }}" step="any" autofocus></label>
 <button type="submit">Save</button></form>
 {% else %}
-<form method="post" id="pair"><input type="hidden" name="task" value="{{ task_id }}">
+<form method="post" action="{{ url_for('rater_answer', token=token) }}" id="pair"><input type="hidden" name="task" value="{{ task_id }}">
 <p>Which of the two do you prefer?</p>
 <div class="cards">
 <div class="card"><img src="{{ url_for('image', token=token, index=images[0]) }}" alt="left">

@@ -262,10 +262,32 @@ def chromium():
     shutil.rmtree(profile, ignore_errors=True)
 
 
-def images_loaded(driver, selector="img") -> list:
+def text_after_submit(driver, element_id: str, expected: str) -> str:
+    """The text of element `element_id` once the page a click submitted shows `expected` (the
+    old page's element goes stale as the new page loads)."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown(d):
+        text = d.find_element("id", element_id).text
+        return text if expected in text else False
+
+    wait = WebDriverWait(driver, 15, ignored_exceptions=(
+        NoSuchElementException, StaleElementReferenceException))  # fmt: skip
+    return wait.until(shown)
+
+
+def images_load(driver, selector: str, n: int) -> bool:
+    """Whether the page shows `n` images matching `selector` and every one decodes (waiting for
+    them to finish loading)."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
     script = f"return Array.from(document.querySelectorAll('{selector}'))"
     script += ".map(i => i.complete && i.naturalWidth > 0);"
-    return driver.execute_script(script)
+    loaded = WebDriverWait(driver, 15).until(
+        lambda d: (flags := d.execute_script(script)) and len(flags) == n and all(flags)
+    )
+    return bool(loaded)
 
 
 def test_in_the_browser_a_user_rates_sees_their_taste_and_gets_images(
@@ -280,13 +302,13 @@ def test_in_the_browser_a_user_rates_sees_their_taste_and_gets_images(
     server = Server(app).start()
     try:
         chromium.get(server.url)
-        assert all(images_loaded(chromium, "#rate img")) and len(images_loaded(chromium)) == 3
+        assert images_load(chromium, "#rate img", 3)
         boxes = chromium.find_elements(By.CSS_SELECTOR, "#rate input[type=number]")
         for box, score in zip(boxes, ("8", "x", "3")):
             chromium.execute_script("arguments[0].type = 'text'", box)  # let 'x' through
             box.send_keys(score)
         chromium.find_element(By.CSS_SELECTOR, "#rate button").click()
-        assert "image 2: 'x' is not a number" in chromium.find_element(By.ID, "message").text
+        text_after_submit(chromium, "message", "image 2: 'x' is not a number")
         assert not session.ratings_file.exists()  # nothing saved from a bad round
 
         for box, score in zip(
@@ -294,7 +316,7 @@ def test_in_the_browser_a_user_rates_sees_their_taste_and_gets_images(
         ):
             box.send_keys(score)
         chromium.find_element(By.CSS_SELECTOR, "#rate button").click()
-        assert "saved 3 ratings" in chromium.find_element(By.ID, "message").text
+        text_after_submit(chromium, "message", "saved 3 ratings")
         nearest = chromium.find_element(By.ID, "nearest").text
         assert nearest in session.rewards.cluster_names
         assert pd.read_csv(session.ratings_file)["score"].tolist() == [8, 1, 3]
@@ -303,8 +325,7 @@ def test_in_the_browser_a_user_rates_sees_their_taste_and_gets_images(
         WebDriverWait(chromium, 120).until(
             lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.generated")) == 2 * 3
         )
-        time.sleep(0.5)
-        assert all(images_loaded(chromium, "img.generated"))
+        assert images_load(chromium, "img.generated", 6)
         assert "6 images for your taste" in chromium.find_element(By.ID, "status").text
         manifest = json.loads(
             next((tmp_path / "me" / "generated").glob("*/manifest.json")).read_text()
@@ -323,15 +344,15 @@ def test_in_the_browser_each_rater_answers_through_their_own_link(image_dir, tmp
     try:
         links = c.links(server.url)
         chromium.get(links["bob"])
-        assert "Hello bob" in chromium.page_source and all(images_loaded(chromium))
+        assert "Hello bob" in chromium.page_source and images_load(chromium, "img", 1)
         chromium.find_element(By.NAME, "score").send_keys("6")
         chromium.find_element(By.CSS_SELECTOR, "#score button").click()
-        assert "1 of 4 answered" in chromium.find_element(By.ID, "progress").text
-        assert len(images_loaded(chromium)) == 2 and all(images_loaded(chromium))
+        text_after_submit(chromium, "progress", "1 of 4 answered")
+        assert images_load(chromium, "img", 2)
         chromium.find_element(By.CSS_SELECTOR, "button[value=a]").click()
-        assert "2 of 4 answered" in chromium.find_element(By.ID, "progress").text
+        text_after_submit(chromium, "progress", "2 of 4 answered")
         chromium.get(links["alice"])
-        assert "0 of 4 answered" in chromium.find_element(By.ID, "progress").text
+        text_after_submit(chromium, "progress", "0 of 4 answered")
     finally:
         server.stop()
     assert pd.read_csv(out / "scores.csv")[["rater_id", "score"]].values.tolist() == [["bob", 6]]
