@@ -22,9 +22,10 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q $(ARGS)
 
-# tests/test_report.py opens report.html in headless Chromium through chromedriver: Debian's
-# chromium and chromium-driver, installed here with apt-get when missing (as root, or via sudo).
-# Without them that one test skips, or fails when PLURAL_DIFFUSION_REQUIRE_BROWSER=1 (CI).
+# tests/test_report.py opens report.html, and tests/test_serve.py drives the `serve` pages, in
+# headless Chromium through chromedriver: Debian's chromium and chromium-driver, installed here
+# with apt-get when missing (as root, or via sudo). Without them those tests skip, or fail when
+# PLURAL_DIFFUSION_REQUIRE_BROWSER=1 (CI).
 browser:
 	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
 		exit 0; \

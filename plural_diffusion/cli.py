@@ -122,6 +122,62 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import torch
+
+    from plural_diffusion.web import Server
+
+    torch.set_num_threads(args.threads)
+    if args.collect is not None:
+        from plural_diffusion.collect import CollectConfig, Collector, create_app
+
+        if args.checkpoint is not None:
+            raise UserError("serve takes --checkpoint or --collect, not both")
+        if args.out is None:
+            raise UserError("--collect needs --out RATINGS_DIR: where scores.csv and pairs.csv go")
+        collector = Collector(
+            CollectConfig(
+                images=str(args.collect),
+                out=str(args.out),
+                raters=args.rater,
+                scores_per_rater=args.scores_per_rater,
+                pairs_per_rater=args.pairs_per_rater,
+            )
+        )
+        server = Server(create_app(collector), args.host, args.port)
+        print(
+            f"collecting ratings into {collector.out} (scores.csv, pairs.csv); each rater's link:"
+        )
+        for rater, link in collector.links(server.url).items():
+            print(f"  {rater}: {link}")
+    else:
+        from plural_diffusion.serve import ServeConfig, build
+
+        if args.checkpoint is None:
+            raise UserError("serve needs --checkpoint CK (rate and receive) or --collect IMAGE_DIR")
+        _quiet_model_loading()
+        cfg = ServeConfig(
+            checkpoint=str(args.checkpoint),
+            out=str(args.out or Path("outputs/serve")),
+            rewards=args.rewards,
+            images=args.images,
+            base=args.base,
+            prompts=args.prompt,
+            seeds=args.seeds,
+            per_round=args.per_round,
+            device=args.device,
+        )
+        app, session = build(cfg)
+        server = Server(app, args.host, args.port)
+        print(f"ratings are saved to {session.ratings_file} (the file generate --ratings reads)")
+        print(f"open {server.url}")
+    try:
+        server.server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    return 0
+
+
 def _named_dirs(items: list[str], flag: str) -> dict[str, Path]:
     """['mean=DIR', ...] -> {'mean': DIR}, with one-line errors for bad or repeated names."""
     out: dict[str, Path] = {}
@@ -290,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="SPEC",
-        help="cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean (repeatable; "
+        help="cluster:NAME_OR_INDEX, rater:ID, ratings:FILE, nearest:FILE or mean (repeatable; "
         "default: every cluster, or mean for a taste-blind policy)",
     )
     gen.add_argument(
@@ -357,6 +413,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="output directory")
     ev.set_defaults(func=cmd_evaluate)
 
+    serve = sub.add_parser(
+        "serve",
+        help="a local page: rate a few images and get images for your taste, or collect ratings",
+    )
+    serve.add_argument("--checkpoint", type=Path, default=None, help="a taste-conditioned policy")
+    serve.add_argument("--rewards", default=None, help="its reward run (default: the trained one)")
+    serve.add_argument("--base", default=None, help="base model (default: the trained one)")
+    serve.add_argument(
+        "--images", default=None, help="images to rate (default: the reward run's training images)"
+    )
+    serve.add_argument(
+        "--prompt", action="append", default=[], help="prompt to generate for (repeatable)"
+    )
+    serve.add_argument("--seeds", type=int, default=4, help="images per prompt (default 4)")
+    serve.add_argument("--per-round", type=int, default=4, help="images asked per round")
+    serve.add_argument(
+        "--collect", type=Path, default=None, metavar="IMAGE_DIR", help="collect ratings instead"
+    )
+    serve.add_argument(
+        "--rater", action="append", default=[], help="with --collect: a rater's name (repeatable)"
+    )
+    serve.add_argument("--scores-per-rater", type=int, default=20)
+    serve.add_argument("--pairs-per-rater", type=int, default=20)
+    serve.add_argument(
+        "--out", type=Path, default=None, help="ratings folder (default outputs/serve)"
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    serve.add_argument("--threads", type=int, default=1, help="torch threads")
+    serve.set_defaults(func=cmd_serve)
+
     export = sub.add_parser(
         "export",
         help="a policy for one taste as a plain diffusers pipeline folder (where that is exact)",
@@ -368,7 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--taste",
         default="mean",
         metavar="SPEC",
-        help="the taste to bake in: cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean "
+        help="the taste to bake in: cluster:NAME_OR_INDEX, rater:ID, ratings:FILE, nearest:FILE or mean "
         "(default mean)",
     )
     export.add_argument(

@@ -6,6 +6,10 @@ A taste is a vector z in the reward run's taste space, named on the command line
     rater:ID                a known rater's learned taste          (rater:rater_007)
     ratings:FILE            a new user's taste, fitted to a few of their ratings without
                             retraining (`reward_models.personalize`; also `--ratings FILE`)
+    nearest:FILE            the taste cluster those ratings most probably put the user in
+                            (`plural_diffusion.new_user`): a taste the policy was trained on,
+                            which serves a small cluster's users better than the fitted taste
+                            (benchmarks/new_users_toy.py)
     mean                    the null taste: "no preference"
 
 Every image is fixed by (taste, prompt, seed) alone: its initial noise and the noise of every
@@ -36,7 +40,7 @@ from plural_diffusion.visualize import save_grid
 from reward_models.errors import UserError
 from reward_models.io import atomic_path, write_json
 
-TASTE_FORMS = "cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean"
+TASTE_FORMS = "cluster:NAME_OR_INDEX, rater:ID, ratings:FILE, nearest:FILE or mean"
 NULL_SPECS = ("mean", "null", "none")
 
 
@@ -56,7 +60,7 @@ def resolve_taste(spec: str, rewards=None) -> Taste:
     kind, _, value = spec.partition(":")
     if spec in NULL_SPECS:
         return Taste("mean", spec, None)
-    if kind not in ("cluster", "rater", "ratings") or not value:
+    if kind not in ("cluster", "rater", "ratings", "nearest") or not value:
         raise UserError(f"taste {spec!r}: use {TASTE_FORMS}")
     if rewards is None:
         raise UserError(
@@ -84,7 +88,23 @@ def resolve_taste(spec: str, rewards=None) -> Taste:
                 "the reward run's raters.json)"
             )
         return Taste(f"rater {value}", spec, rewards.rater_tastes[ids.index(value)].detach().cpu())
+    if kind == "nearest":
+        return nearest_cluster_of_ratings(value, rewards, spec)
     return taste_from_ratings_file(value, rewards, spec)
+
+
+def nearest_cluster_of_ratings(path: str | Path, rewards, spec: str) -> Taste:
+    """The taste of the cluster a new user's ratings file most probably puts them in (the
+    share of their taste posterior nearest each cluster's taste; `plural_diffusion.new_user`)."""
+    from plural_diffusion.new_user import infer_taste
+    from reward_models.personalize import read_user_ratings
+
+    images, scores = read_user_ratings(path)
+    features = rewards.encoder.encode_images(images, progress=False)
+    taste = infer_taste(rewards, features.to(rewards.device), scores)
+    name, probability = taste.nearest_clusters(rewards.cluster_names)[0]
+    z = rewards.cluster_tastes[rewards.cluster_names.index(name)].detach().cpu()
+    return Taste(f"user {Path(path).name} -> {name} ({probability:.0%})", spec, z)
 
 
 def taste_from_ratings_file(path: str | Path, rewards, spec: str | None = None) -> Taste:

@@ -108,6 +108,8 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
         "1",
         "--ratings",
         str(table),
+        "--taste",
+        f"nearest:{table}",
         "--interpolate",
         "cluster:noir",
         "cluster:sunny",
@@ -116,10 +118,13 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
     ]
     manifest = generate(args, tmp_path / "out", capsys)
     labels = [t["label"] for t in manifest["tastes"]]
-    assert labels == ["user my_ratings.csv", "noir", "0.50 noir + 0.50 sunny", "sunny"]
+    # --taste comes before --ratings; rater_036 is a sunny rater
+    assert labels[0].startswith("user my_ratings.csv -> sunny (") and labels[0].endswith("%)")
+    assert labels[1:] == ["user my_ratings.csv", "noir", "0.50 noir + 0.50 sunny", "sunny"]
     z = {t["label"]: torch.tensor(t["z"]) for t in manifest["tastes"]}
     torch.testing.assert_close(z["0.50 noir + 0.50 sunny"], (z["noir"] + z["sunny"]) / 2)
-    assert len(manifest["prompts"][0]["images"]) == 4
+    torch.testing.assert_close(z[labels[0]], z["sunny"])  # the cluster's own taste
+    assert len(manifest["prompts"][0]["images"]) == 5
 
 
 @pytest.mark.parametrize(
@@ -127,7 +132,10 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
     [
         (["--taste", "cluster:nope"], "unknown cluster 'nope'; known: noir, sunny, vivid"),
         (["--taste", "rater:nobody"], "unknown rater 'nobody'; e.g. rater_000, rater_001"),
-        (["--taste", "sunny"], "use cluster:NAME_OR_INDEX, rater:ID, ratings:FILE or mean"),
+        (
+            ["--taste", "sunny"],
+            "use cluster:NAME_OR_INDEX, rater:ID, ratings:FILE, nearest:FILE or mean",
+        ),
         (["--no-checkpoint", "--taste", "cluster:noir"], "the base model has no taste conditioner"),
         (["--checkpoint", "/no/such/run"], "/no/such/run: checkpoint directory not found"),
         (["--ratings", "/no/ratings.csv"], "/no/ratings.csv: file not found"),
