@@ -50,6 +50,9 @@ class EvalConfig:
     batch_size: int = 24  # images per sampling call
     # per prompt and taste at each training checkpoint, for the over-optimisation curve
     curve_images_per_prompt: int = 4
+    # the UNet's, VAE's and text encoder's dtype: fp32, bf16 or fp16 (a GPU's; the LoRA and the
+    # taste module stay float32)
+    dtype: str = "fp32"
 
     @property
     def seeds(self) -> list[int]:
@@ -307,14 +310,14 @@ def overoptimisation_curve(
         rows = _first_seeds(len(cfg.prompts), len(cfg.seeds), len(seeds))
         add(0, base_scored[0].subset(rows))
     else:
-        base_policy = TastePolicy.from_pretrained(base, device=device)
+        base_policy = TastePolicy.from_pretrained(base, device=device, dtype=cfg.dtype)
         images = generate_per_taste(base_policy, rewards, cfg, run_settings, seeds)
         add(0, score_images(images, rewards, gold_fn))
         del base_policy
     policy = None  # one pipeline for the whole run; each checkpoint swaps its weights in
     for epoch, path in tqdm(series, desc="checkpoints", disable=not progress, leave=False):
         if policy is None:
-            policy = TastePolicy.from_pretrained(base, path, device=device)
+            policy = TastePolicy.from_pretrained(base, path, device=device, dtype=cfg.dtype)
         else:
             policy.load_checkpoint(path)
         images = generate_per_taste(policy, rewards, cfg, policy.settings(cfg.sampling), seeds)
@@ -396,7 +399,7 @@ def evaluate_policies(
     bar = tqdm(policies.items(), desc="policies", disable=not progress)
     for name, checkpoint in bar:
         bar.set_postfix(policy=name)
-        policy = TastePolicy.from_pretrained(base, checkpoint, device=device)
+        policy = TastePolicy.from_pretrained(base, checkpoint, device=device, dtype=cfg.dtype)
         settings = base_settings if checkpoint is None else policy.settings(cfg.sampling)
         if not _same_sampler(settings, base_settings):
             warnings.warn(

@@ -260,6 +260,7 @@ def write_outputs(
         "base": policy.base,
         "checkpoint": checkpoint,
         "sampling": sampler,
+        "dtype": str(policy.pipe.unet.dtype).removeprefix("torch."),
         "tastes": [
             {"label": t.label, "spec": t.spec, "z": None if t.z is None else t.z.tolist()}
             for t in tastes
@@ -337,6 +338,7 @@ def run_generate(
     batch_size: int = 16,
     device: str = "cpu",
     progress: bool = True,
+    dtype: str = "fp32",
 ) -> dict:
     """What `plural-diffusion generate` does. Base, rewards, prompts and the sampler (steps,
     guidance, eta, negative prompt) default to the ones the checkpoint was trained with;
@@ -377,7 +379,9 @@ def run_generate(
     if not conditioned:
         check_tastes(info, tastes + ends)  # a taste-blind policy takes only 'mean'
 
-    policy = TastePolicy.from_pretrained(base, None if info is None else info.path, device=device)
+    policy = TastePolicy.from_pretrained(
+        base, None if info is None else info.path, device=device, dtype=dtype
+    )
     if ends:
         null = None if policy.conditioner is None else policy.conditioner.null.detach().cpu()
         tastes += interpolate(ends[0], ends[1], interpolate_steps, null)

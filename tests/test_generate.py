@@ -91,6 +91,21 @@ def test_every_taste_and_seed_gets_a_png_with_provenance_and_the_prompt_a_grid(
     assert difference.max() <= 2 and (difference > 0).mean() < 0.01, difference.max()
 
 
+def test_dtype_bf16_runs_the_frozen_models_in_bfloat16_and_draws_nearly_the_same_images(
+    matched_run, tmp_path, capsys
+):
+    args = ["--checkpoint", str(matched_run / "checkpoints" / "epoch-0002"), "--seed-list", "3"]
+    args += ["--taste", "cluster:vivid"]
+    full = generate(args, tmp_path / "fp32", capsys)
+    half = generate([*args, "--dtype", "bf16"], tmp_path / "bf16", capsys)
+    assert (full["dtype"], half["dtype"]) == ("float32", "bfloat16")
+    a, b = (
+        np.asarray(Image.open(tmp_path / d / m["prompts"][0]["images"][0]["file"]), dtype=int)
+        for d, m in (("fp32", full), ("bf16", half))
+    )
+    assert np.abs(a - b).mean() < 8, np.abs(a - b).mean()  # bf16 rounding, the same image
+
+
 def test_a_new_users_ratings_and_an_interpolation_become_tastes(
     matched_run, reward_run, tmp_path, capsys
 ):
@@ -141,6 +156,7 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
         (["--ratings", "/no/ratings.csv"], "/no/ratings.csv: file not found"),
         (["--eta", "1.5"], "--eta 1.5: must be in [0, 1]"),
         (["--steps", "0"], "--steps 0: must be >= 1"),
+        (["--dtype", "fp16"], "--dtype fp16 runs on a CUDA GPU (--device cpu); use --dtype bf16"),
     ],
 )
 def test_bad_tastes_and_paths_are_one_line_errors(
