@@ -190,6 +190,39 @@ class Trainer:
                 len(self.rewards.cluster_names), cfg.maxmin.temperature, cfg.maxmin.momentum
             )
             self._calibrate_clusters()
+        self.base_similarity = None
+        if (
+            cfg.method == "draft"
+            and cfg.draft.diversity_weight > 0
+            and cfg.draft.diversity_above_base
+        ):
+            self.base_similarity = self._base_within_taste_similarity()
+
+    @torch.no_grad()
+    def _base_within_taste_similarity(self, batches: int = 2) -> float:
+        """`_within_taste_similarity` of the base model's images (LoRA off, no taste), drawn as
+        training draws its batches but from a generator of their own, the pending group kept,
+        so that training draws the same prompts and noise with or without this step."""
+        generator, pending = self.generator, self.pending
+        self.generator = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        base = TastePolicy(self.pipe, None, sampling=self.cfg.sampling)
+        similarities = []
+        try:
+            with disable_adapters(self.unet), self.precision():
+                for _ in range(batches):
+                    prompt, taste, _, noise = self.draw_batch(self.cfg.draft.batch_size)
+                    embeds, negative = self._embeds(prompt)
+                    traj = base.sample(
+                        prompt_embeds=embeds,
+                        negative_embeds=negative,
+                        tastes=None,
+                        noise=noise,
+                        generator=self.generator,
+                    )
+                    similarities.append(self._within_taste_similarity(traj.images.float(), taste))
+        finally:
+            self.generator, self.pending = generator, pending
+        return float(self.accelerator.reduce(torch.stack(similarities).mean(), "mean"))
 
     def _n_experts(self) -> int:
         """LoRA experts: one per taste cluster with lora.experts for objective=matched, else 1
@@ -543,6 +576,8 @@ class Trainer:
             if draft.diversity_weight > 0:
                 similarity = self._within_taste_similarity(traj.images, taste)
                 sims.append(similarity.detach())
+                if self.base_similarity is not None:
+                    similarity = (similarity - self.base_similarity).clamp(min=0)
                 loss = loss + draft.diversity_weight * similarity
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)

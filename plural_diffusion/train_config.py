@@ -90,6 +90,9 @@ class DraftSettings:
     # minus this times the mean CLIP cosine similarity between images asked for the same taste
     # in a batch: reward backpropagation otherwise finds one look per taste
     diversity_weight: float = 0.0
+    # penalise only the similarity above the base model's own (its images drawn as training
+    # draws them, same-taste pairs): push for looks until the base's variety, no further
+    diversity_above_base: bool = False
 
 
 @dataclass

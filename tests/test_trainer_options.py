@@ -285,3 +285,22 @@ def test_ddpo_logs_the_first_updates_logprob_gap_and_warns_when_it_exceeds_clip_
     with pytest.warns(UserWarning, match="recomputes log-probs 1.00e-03 away"):
         log = trainer.train_epoch()
     assert log["logprob_gap"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_diversity_above_base_measures_the_base_aside_and_spares_looks_already_as_varied(
+    toy_assets, reward_run, tmp_path
+):
+    """draft.diversity_above_base: the base model's within-taste similarity is measured on draws
+    of its own (training then draws what it would have), and a batch no more alike than that
+    pays nothing: with the reference at 1 (every pair identical) the update is the plain one."""
+    common = (toy_assets, reward_run, tmp_path, "epochs=1")
+    hinged = Trainer(
+        toy_config(*common, "draft.diversity_weight=2", "draft.diversity_above_base=true")
+    )
+    plain = Trainer(toy_config(*common))
+    assert 0 < hinged.base_similarity < 1 and plain.base_similarity is None
+    hinged.base_similarity = 1.0
+    hinged.train_epoch()
+    plain.train_epoch()
+    for name, value in lora_state(plain).items():
+        torch.testing.assert_close(lora_state(hinged)[name], value, rtol=1e-5, atol=1e-7)
