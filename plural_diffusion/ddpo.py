@@ -574,10 +574,13 @@ class Trainer:
                 kls.append(kl.detach())
                 loss = loss + draft.kl_weight * kl
             if draft.diversity_weight > 0:
-                similarity = self._within_taste_similarity(traj.images, taste)
-                sims.append(similarity.detach())
-                if self.base_similarity is not None:
-                    similarity = (similarity - self.base_similarity).clamp(min=0)
+                if self.base_similarity is None:
+                    similarity = self._within_taste_similarity(traj.images, taste)
+                    sims.append(similarity.detach())
+                else:  # each taste's looks, up to the base's variety
+                    per_taste = self._within_taste_similarity(traj.images, taste, per_taste=True)
+                    sims.append(per_taste.detach().mean())
+                    similarity = (per_taste - self.base_similarity).clamp(min=0).mean()
                 loss = loss + draft.diversity_weight * similarity
             self.optimizer.zero_grad(set_to_none=True)
             self.accelerator.backward(loss)
@@ -593,15 +596,22 @@ class Trainer:
         }
         return self._epoch_log(torch.cat(rewards), torch.cat(tastes), torch.cat(images), stats)
 
-    def _within_taste_similarity(self, images, taste) -> torch.Tensor:
+    def _within_taste_similarity(self, images, taste, per_taste: bool = False) -> torch.Tensor:
         """Mean CLIP cosine similarity between distinct images of the batch asked for the same
-        taste (differentiable; 1 = one look)."""
+        taste (differentiable; 1 = one look): over all such pairs, or per_taste [T], one mean
+        for each taste with two images or more."""
         features = torch.nn.functional.normalize(self.rewards.features(images), dim=1)  # [B, D]
-        same = taste[:, None].eq(taste[None, :]).to(features.device)
+        taste = taste.to(features.device)
+        same = taste[:, None].eq(taste[None, :])
         same.fill_diagonal_(False)
         if not same.any():
-            return features.new_zeros(())
-        return (features @ features.T)[same].mean()
+            return features.new_zeros(1 if per_taste else ())
+        similarity = features @ features.T
+        if not per_taste:
+            return similarity[same].mean()
+        return torch.stack(
+            [similarity[same & (taste[:, None] == t)].mean() for t in taste[same.any(1)].unique()]
+        )
 
     def _draft_kl(self, traj, z) -> torch.Tensor:
         """KL to the base model at one random denoising step before the backpropagated ones,

@@ -90,8 +90,8 @@ class DraftSettings:
     # minus this times the mean CLIP cosine similarity between images asked for the same taste
     # in a batch: reward backpropagation otherwise finds one look per taste
     diversity_weight: float = 0.0
-    # penalise only the similarity above the base model's own (its images drawn as training
-    # draws them, same-taste pairs): push for looks until the base's variety, no further
+    # penalise each taste's similarity only above the base model's own (its images drawn as
+    # training draws them, same-taste pairs): push each taste's looks up to the base's variety
     diversity_above_base: bool = False
 
 
