@@ -398,8 +398,14 @@ def plot(bench: BenchConfig, summary: dict, path: Path, note: str) -> None:
             ax.plot(bench.ks, med, marker="o", color=colours[strategy], label=f"{strategy}, fitted")
             ax.fill_between(bench.ks, lo, hi, color=colours[strategy], alpha=0.15)
             near = [summary[c][f"{strategy}_k{k}"]["gold_nearest"]["median"] for k in bench.ks]
-            ax.plot(bench.ks, near, marker="x", ls="--", color=colours[strategy],
-                    label=f"{strategy}, nearest cluster")  # fmt: skip
+            ax.plot(
+                bench.ks,
+                near,
+                marker="x",
+                ls="--",
+                color=colours[strategy],
+                label=f"{strategy}, nearest cluster",
+            )
         ref = summary[c]["reference"]
         for name, colour, style in (
             ("oracle", "#059669", "-"),

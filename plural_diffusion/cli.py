@@ -167,6 +167,7 @@ def cmd_serve(args) -> int:
             seeds=args.seeds,
             per_round=args.per_round,
             device=args.device,
+            dtype=_model_dtype(args),
         )
         app, session = build(cfg)
         server = Server(app, args.host, args.port)
@@ -459,6 +460,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    serve.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="the frozen models' dtype for generation (bf16 or fp16 on a GPU)",
+    )
     serve.add_argument("--threads", type=int, default=1, help="torch threads")
     serve.set_defaults(func=cmd_serve)
 

@@ -50,6 +50,7 @@ class ServeConfig:
     score_range: tuple[float, float] = (0.0, 10.0)
     seed: int = 0
     device: str = "cpu"
+    dtype: str = "fp32"  # the frozen models' dtype: bf16 or fp16 on a GPU
 
 
 def load_taste_model(cfg: ServeConfig):
@@ -196,8 +197,14 @@ class RateSession:
                 taste = Taste(f"you ({len(self.rated)} ratings)", "ratings", z)
             job_id = self.job["id"] + 1
             total = len(self.prompts) * self.cfg.seeds
-            self.job = {"id": job_id, "state": "running", "done": 0, "total": total,
-                        "error": None, "files": []}  # fmt: skip
+            self.job = {
+                "id": job_id,
+                "state": "running",
+                "done": 0,
+                "total": total,
+                "error": None,
+                "files": [],
+            }
         threading.Thread(target=self._generate, args=(job_id, taste), daemon=True).start()
         return f"generating {total} images for {taste.label}"
 
@@ -370,6 +377,6 @@ def build(cfg: ServeConfig) -> tuple[Flask, RateSession]:
     base = cfg.base or info.config.get("base")
     if not base:
         raise UserError("the checkpoint names no base model: pass --base DIR_OR_HUB_ID")
-    policy = TastePolicy.from_pretrained(base, info.path, device=cfg.device)
+    policy = TastePolicy.from_pretrained(base, info.path, device=cfg.device, dtype=cfg.dtype)
     session = RateSession(cfg, rewards, policy)
     return create_app(session), session

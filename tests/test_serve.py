@@ -32,8 +32,13 @@ from tests.test_report import CHROMEDRIVER, CHROMIUM, browser_or_skip
 # ---- pieces --------------------------------------------------------------------------------
 def test_a_score_must_be_a_finite_number_in_range():
     assert parse_score(" 7.5 ", 0, 10, "image 1") == 7.5
-    for raw, says in (("", "no score"), ("abc", "not a number"), ("11", "out of range"),
-                      ("nan", "out of range"), ("-1", "out of range")):  # fmt: skip
+    for raw, says in (
+        ("", "no score"),
+        ("abc", "not a number"),
+        ("11", "out of range"),
+        ("nan", "out of range"),
+        ("-1", "out of range"),
+    ):
         with pytest.raises(UserError, match=says):
             parse_score(raw, 0, 10, "image 1")
 
@@ -62,8 +67,12 @@ def image_dir(tmp_path):
 
 
 def collector(image_dir, out, **kw):
-    cfg = CollectConfig(str(image_dir), str(out), ["alice", "bob"], **{
-        "scores_per_rater": 2, "pairs_per_rater": 2, **kw})  # fmt: skip
+    cfg = CollectConfig(
+        str(image_dir),
+        str(out),
+        ["alice", "bob"],
+        **{"scores_per_rater": 2, "pairs_per_rater": 2, **kw},
+    )
     return Collector(cfg)
 
 
@@ -230,12 +239,13 @@ def test_a_checkpoint_that_cannot_take_a_taste_is_a_one_line_error(
         (
             ["--collect", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--rater", "a"],
             "no such folder",
-        ),  # fmt: skip
+        ),
         ([], "needs --checkpoint"),
+        (["--checkpoint", str(matched_checkpoint), "--dtype", "fp16"], "--dtype fp16 runs on a"),
     ):
+        out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
         with pytest.raises(SystemExit) as e:
-            pd_main(["serve", "--out", str(tmp_path / "out"), *args] if "--out" not in args
-                    else ["serve", *args])  # fmt: skip
+            pd_main(["serve", *out, *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
     assert (spoiled / "ratings.csv").read_text() == "image,score\nx.png,lots\n"  # left as it was
@@ -251,9 +261,16 @@ def chromium():
     profile = tempfile.mkdtemp(prefix="pd-chromium-")
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", f"--user-data-dir={profile}"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     driver.implicitly_wait(2)
@@ -272,8 +289,9 @@ def text_after_submit(driver, element_id: str, expected: str) -> str:
         text = d.find_element("id", element_id).text
         return text if expected in text else False
 
-    wait = WebDriverWait(driver, 15, ignored_exceptions=(
-        NoSuchElementException, StaleElementReferenceException))  # fmt: skip
+    wait = WebDriverWait(
+        driver, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+    )
     return wait.until(shown)
 
 
@@ -296,8 +314,9 @@ def test_in_the_browser_a_user_rates_sees_their_taste_and_gets_images(
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    cfg = ServeConfig(str(matched_checkpoint), out=str(tmp_path / "me"), per_round=3, pool=40,
-                      seeds=3)  # fmt: skip
+    cfg = ServeConfig(
+        str(matched_checkpoint), out=str(tmp_path / "me"), per_round=3, pool=40, seeds=3
+    )
     app, session = build(cfg)
     server = Server(app).start()
     try:
