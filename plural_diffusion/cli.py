@@ -275,6 +275,17 @@ def cmd_show_config(args) -> int:
     return 0
 
 
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--dtype, read back (and checked against --device) by `_model_dtype`."""
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16", "fp16"],
+        default="fp32",
+        help="the UNet's, VAE's and text encoder's dtype (bf16 or fp16 on a GPU: half the "
+        "memory and faster; the LoRA and the taste module stay float32)",
+    )
+
+
 def _model_dtype(args) -> str:
     if args.dtype == "fp16" and not str(args.device).startswith("cuda"):
         raise UserError(
@@ -319,13 +330,7 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling call")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument(
-        "--dtype",
-        choices=["fp32", "bf16", "fp16"],
-        default="fp32",
-        help="the UNet's, VAE's and text encoder's dtype (bf16 or fp16 on a GPU: half the "
-        "memory and faster; the LoRA and the taste module stay float32)",
-    )
+    _add_dtype_arg(p)
     p.add_argument(
         "--threads",
         type=int,
@@ -460,12 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    serve.add_argument(
-        "--dtype",
-        choices=["fp32", "bf16", "fp16"],
-        default="fp32",
-        help="the frozen models' dtype for generation (bf16 or fp16 on a GPU)",
-    )
+    _add_dtype_arg(serve)
     serve.add_argument("--threads", type=int, default=1, help="torch threads")
     serve.set_defaults(func=cmd_serve)
 

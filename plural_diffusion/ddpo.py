@@ -198,30 +198,27 @@ class Trainer:
         ):
             self.base_similarity = self._base_within_taste_similarity()
 
+    @contextlib.contextmanager
+    def _draws_aside(self):
+        """Draw batches from a generator of their own and keep the pending group, so that
+        training draws the same prompts and noise with or without what runs inside."""
+        kept = self.generator, self.pending
+        self.generator = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        try:
+            yield
+        finally:
+            self.generator, self.pending = kept
+
     @torch.no_grad()
     def _base_within_taste_similarity(self, batches: int = 2) -> float:
         """`_within_taste_similarity` of the base model's images (LoRA off, no taste), drawn as
-        training draws its batches but from a generator of their own, the pending group kept,
-        so that training draws the same prompts and noise with or without this step."""
-        generator, pending = self.generator, self.pending
-        self.generator = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        training draws its batches (`_draws_aside`)."""
         base = TastePolicy(self.pipe, None, sampling=self.cfg.sampling)
         similarities = []
-        try:
-            with disable_adapters(self.unet), self.precision():
-                for _ in range(batches):
-                    prompt, taste, _, noise = self.draw_batch(self.cfg.draft.batch_size)
-                    embeds, negative = self._embeds(prompt)
-                    traj = base.sample(
-                        prompt_embeds=embeds,
-                        negative_embeds=negative,
-                        tastes=None,
-                        noise=noise,
-                        generator=self.generator,
-                    )
-                    similarities.append(self._within_taste_similarity(traj.images.float(), taste))
-        finally:
-            self.generator, self.pending = generator, pending
+        with self._draws_aside(), disable_adapters(self.unet):
+            for _ in range(batches):
+                _, taste, _, traj = self._sample_batch(self.cfg.draft.batch_size, policy=base)
+                similarities.append(self._within_taste_similarity(traj.images.float(), taste))
         return float(self.accelerator.reduce(torch.stack(similarities).mean(), "mean"))
 
     def _n_experts(self) -> int:
@@ -241,16 +238,12 @@ class Trainer:
     @torch.no_grad()
     def _calibrate_clusters(self) -> None:
         """maxmin: standardise each cluster's head on the base model's own images (the fresh
-        LoRA is the identity), drawn from a generator of their own so that training draws the
-        same prompts and noise with or without this step."""
-        generator, images = self.generator, []
-        self.generator = torch.Generator().manual_seed(self.cfg.seed + 7919)
-        try:
+        LoRA is the identity), drawn aside (`_draws_aside`)."""
+        images = []
+        with self._draws_aside():
             for _ in range(self.cfg.maxmin.calibration_batches):
                 *_, traj = self._sample_batch(self.cfg.draft.batch_size)
                 images.append(traj.images.float())
-        finally:
-            self.generator = generator
         self.rewards.calibrate(self.accelerator.gather(torch.cat(images)))
 
     # ------------------------------------------------------------------ tastes and batches
@@ -353,17 +346,20 @@ class Trainer:
         idx = prompt.to(self.device)
         return self.prompt_embeds[idx], self.negative_embeds[idx]
 
-    def _sample_batch(self, batch: int, grad_last_steps: int = 0):
+    def _sample_batch(self, batch: int, grad_last_steps: int = 0, policy=None):
         """Draw a batch (`draw_batch`) and run the policy on it: prompt indices [B], taste
         indices [B], the tastes z it is scored for [B, d] | None, and the trajectory, with the
-        graph kept through the last `grad_last_steps` steps (DRaFT)."""
+        graph kept through the last `grad_last_steps` steps (DRaFT). `policy`: another one
+        than the trainer's (a taste-blind one is asked for no taste)."""
+        policy = policy or self.policy
         prompt, taste, z, noise = self.draw_batch(batch)
         embeds, negative = self._embeds(prompt)
+        tastes = None if policy.conditioner is None else self._policy_taste(z, taste)
         with self.precision():
-            traj = self.policy.sample(
+            traj = policy.sample(
                 prompt_embeds=embeds,
                 negative_embeds=negative,
-                tastes=self._policy_taste(z, taste),
+                tastes=tastes,
                 noise=noise,
                 generator=self.generator,
                 grad_last_steps=grad_last_steps,

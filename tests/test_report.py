@@ -5,6 +5,7 @@ The browser test drives Debian's chromium through chromedriver (`make test` inst
 apt-get when missing). Without them it skips, unless PLURAL_DIFFUSION_REQUIRE_BROWSER=1 (CI).
 """
 
+import contextlib
 import os
 import re
 import shutil
@@ -145,7 +146,10 @@ def browser_or_skip():
         pytest.skip(reason)
 
 
-def test_report_renders_in_headless_chromium_with_every_image_and_no_errors(report_file):
+@contextlib.contextmanager
+def headless_chromium():
+    """Debian's chromium through its chromedriver (skipped without them, unless
+    PLURAL_DIFFUSION_REQUIRE_BROWSER=1), in a throwaway profile, with the browser's log kept."""
     browser_or_skip()
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -168,6 +172,14 @@ def test_report_renders_in_headless_chromium_with_every_image_and_no_errors(repo
     # an explicit driver path: selenium-manager never looks for (or downloads) one
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
     try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_report_renders_in_headless_chromium_with_every_image_and_no_errors(report_file):
+    with headless_chromium() as driver:
         driver.get(report_file.resolve().as_uri())
         assert "Matched vs mean, per cluster" in driver.title
         assert driver.find_element("tag name", "h1").text == "Matched vs mean, per cluster"
@@ -179,6 +191,3 @@ def test_report_renders_in_headless_chromium_with_every_image_and_no_errors(repo
         assert not broken, broken
         severe = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not severe, severe
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)

@@ -7,7 +7,6 @@ take a taste) gets a clear message and loses nothing. The browser tests drive he
 
 import json
 import shutil
-import tempfile
 import time
 
 import pandas as pd
@@ -26,7 +25,7 @@ from plural_diffusion.web import Server, list_images, parse_score
 from reward_models.config import load_config
 from reward_models.data import load_ratings
 from reward_models.errors import UserError
-from tests.test_report import CHROMEDRIVER, CHROMIUM, browser_or_skip
+from tests.test_report import headless_chromium
 
 
 # ---- pieces --------------------------------------------------------------------------------
@@ -254,29 +253,9 @@ def test_a_checkpoint_that_cannot_take_a_taste_is_a_one_line_error(
 # ---- in the browser ------------------------------------------------------------------------
 @pytest.fixture()
 def chromium():
-    browser_or_skip()
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="pd-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for flag in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(2)
-    yield driver
-    driver.quit()
-    shutil.rmtree(profile, ignore_errors=True)
+    with headless_chromium() as driver:
+        driver.implicitly_wait(2)
+        yield driver
 
 
 def text_after_submit(driver, element_id: str, expected: str) -> str:
