@@ -1,5 +1,7 @@
 """Does the toy world allow several looks at high gold? The Vendi score of 16 of the world's own
-images that a cluster gives gold >= 0.5 / >= 0.8, against any 16 of its images.
+images that a cluster gives gold >= 0.5 / >= 0.8, against any 16 of its images. And does the
+cluster's learned head care about a look the gold ignores? Those gold >= 0.8 images with their
+hue turned (HSV, saturation and value kept): the gold and the head's mean score per turn.
 
     python benchmarks/looks_in_world_toy.py
 
@@ -14,6 +16,7 @@ import statistics
 from pathlib import Path
 
 import torch
+from torchvision.transforms.functional import adjust_hue
 
 from plural_diffusion.cache import cache_root
 from plural_diffusion.configs import CONFIGS
@@ -60,6 +63,16 @@ def main() -> None:
             entry[f"gold>={threshold}"] = {
                 "images": len(rows),
                 "vendi_of_16": median_vendi(features, rows, g) if len(rows) >= SIZE else None,
+            }
+        rows = (gold[:, k] >= 0.8).nonzero().flatten()
+        head = rewards.cluster_names.index(name)
+        entry["hue_turned"] = {}
+        for turn in (-0.4, -0.2, 0.0, 0.2, 0.4):
+            turned = adjust_hue(images[rows].float(), turn)
+            scores = rewards.cluster_scores(rewards.features(turned))[:, head]
+            entry["hue_turned"][f"{turn:+.1f}"] = {
+                "gold": round(gold_cluster_utility(turned, world.raters)[:, k].mean().item(), 3),
+                "head": round(scores.mean().item(), 2),
             }
         result["clusters"][name] = entry
         print(name, json.dumps(entry), flush=True)
