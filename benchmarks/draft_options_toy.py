@@ -13,7 +13,7 @@ images (CLIP features, 16 per taste) and the base model's Vendi on the same prom
 """
 
 import argparse
-import contextlib
+from contextlib import nullcontext
 
 import torch
 
@@ -32,25 +32,23 @@ from reward_models.config import load_config
 
 
 @torch.no_grad()
-def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
-    """Gold utility per cluster of images made for that cluster (all images if taste-blind),
-    and the Vendi score of each taste's images; base=True samples with the LoRA off."""
-    g = torch.Generator().manual_seed(1234)
-    trainer.generator = g
-    prompt, taste, z, noise = trainer.draw_batch(n)
-    embeds, negative = trainer._embeds(prompt)
+def held_out_images(trainer: Trainer, n: int = 48, base: bool = False, seed: int = 1234):
+    """Taste indices [n] and images [n, 3, H, W] on fixed prompts and noise (base=True: the
+    LoRA off, no taste), drawn aside (`Trainer._draws_aside`): training afterwards draws what
+    it would have drawn."""
     conditioner = None if base else trainer.conditioner
     policy = TastePolicy(trainer.pipe, conditioner, sampling=trainer.cfg.sampling)
-    with disable_adapters(trainer.unet) if base else contextlib.nullcontext():
-        traj = policy.sample(
-            prompt_embeds=embeds,
-            negative_embeds=negative,
-            tastes=None if base else z,
-            noise=noise,
-            generator=g,
-        )
-    scores = gold(traj.images)  # [n, K]
-    features = trainer.rewards.features(traj.images)
+    with trainer._draws_aside(seed), disable_adapters(trainer.unet) if base else nullcontext():
+        _, taste, _, traj = trainer._sample_batch(n, policy=policy)
+    return taste, traj.images.float()
+
+
+def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
+    """Gold utility per cluster of images made for that cluster (all images if taste-blind),
+    and the Vendi score of each taste's images (`held_out_images`)."""
+    taste, images = held_out_images(trainer, n, base)
+    scores = gold(images)  # [n, K]
+    features = trainer.rewards.features(images)
     if trainer.tastes is None or base:
         return [round(x, 3) for x in scores.mean(0).tolist()], [round(vendi_score(features), 2)]
     ks = range(scores.shape[1])

@@ -7,7 +7,9 @@ For each base seed: train the demo's matched policy (configs/toy.yaml) and draw 
 images (32 per taste, fixed prompts and noise); per taste, the spread (std) of luminance,
 colourfulness, warmth and contrast over its images against the base model's spread on the same
 prompts and noise, split into the statistics the cluster's gold utility weighs and the ones it
-ignores (precision 0: any value pleases it equally), and the Vendi score. Writes
+ignores (precision 0: any value pleases it equally), and the Vendi score. Before training, how
+many of 1,536 base images each cluster gives gold >= 0.5 / >= 0.8 and how varied those are: the
+looks a taste has within the base model's reach. Writes
 benchmarks/results/looks_lost_toy.json and, per seed, looks_lost_toy-S.png (rows: base, then
 each taste).
 """
@@ -15,21 +17,19 @@ each taste).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 from pathlib import Path
 
 import torch
+from draft_options_toy import held_out_images
 from torchvision.utils import save_image
 
-from plural_diffusion.backbone import disable_adapters
 from plural_diffusion.cache import cache_root
 from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
 from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
 from plural_diffusion.evaluate import vendi_score
-from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import TasteRewards
 from plural_diffusion.toyworld.prepare import prepare_toy
 from plural_diffusion.toyworld.raters import STATS, pixel_stats
@@ -40,24 +40,31 @@ from reward_models.config import load_config
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-@torch.no_grad()
-def draw(trainer: Trainer, base: bool, n: int = 96):
-    """Taste indices [n] and images [n, 3, H, W] on fixed prompts and noise (LoRA off: base)."""
-    g = torch.Generator().manual_seed(1234)
-    trainer.generator = g
-    prompt, taste, z, noise = trainer.draw_batch(n)
-    embeds, negative = trainer._embeds(prompt)
-    conditioner = None if base else trainer.conditioner
-    policy = TastePolicy(trainer.pipe, conditioner, sampling=trainer.cfg.sampling)
-    with disable_adapters(trainer.unet) if base else contextlib.nullcontext():
-        traj = policy.sample(
-            prompt_embeds=embeds,
-            negative_embeds=negative,
-            tastes=None if base else z,
-            noise=noise,
-            generator=g,
-        )
-    return taste, traj.images.float()
+def base_support(trainer: Trainer, gold, names: list[str], batches: int = 16) -> dict:
+    """How many of the base model's images (16 x 96 draws) each cluster gives gold >= 0.5 /
+    >= 0.8, and the median Vendi of 16 of them (20 picks): the looks within the base's reach."""
+    images = torch.cat(
+        [held_out_images(trainer, 96, base=True, seed=99 + b)[1] for b in range(batches)]
+    )
+    scores = gold(images)
+    features = torch.cat([trainer.rewards.features(x) for x in images.split(256)])
+    g = torch.Generator().manual_seed(0)
+
+    def vendi_of_16(rows: torch.Tensor) -> float | None:
+        if len(rows) < 16:
+            return None
+        picks = [rows[torch.randperm(len(rows), generator=g)[:16]] for _ in range(20)]
+        return round(statistics.median(vendi_score(features[p]) for p in picks), 2)
+
+    out = {"images": len(images), "any_16": vendi_of_16(torch.arange(len(images)))}
+    for k, name in enumerate(names):
+        for threshold in (0.5, 0.8):
+            rows = (scores[:, k] >= threshold).nonzero().flatten()
+            out[f"{name} gold>={threshold}"] = {
+                "images": len(rows),
+                "vendi_of_16": vendi_of_16(rows),
+            }
+    return out
 
 
 def one_base(seed: int) -> dict:
@@ -71,12 +78,14 @@ def one_base(seed: int) -> dict:
     overrides = [f"base={assets.base}", f"rewards={run}", f"seed={seed}", "tensorboard=false"]
     out = f"out_dir=runs/bench/looks_lost/base-{seed}"
     trainer = Trainer(load_config(TrainConfig, CONFIGS / "toy.yaml", [*overrides, out]))
-    _, base_images = draw(trainer, base=True)
+    _, base_images = held_out_images(trainer, 96, base=True)
+    support = base_support(trainer, gold, names)
     trainer.fit(progress=False)
-    taste, images = draw(trainer, base=False)
+    taste, images = held_out_images(trainer, 96)
     precision = {c.name: c.precision for c in world.raters.cluster_specs}
     base_std = pixel_stats(base_images).std(dim=0)
     result = {"base_vendi": round(vendi_score(trainer.rewards.features(base_images)), 2)}
+    result["base_support"] = support
     for k, name in enumerate(names):
         mine = images[taste == k]
         ratio = (pixel_stats(mine).std(dim=0) / base_std).tolist()
@@ -103,7 +112,7 @@ def main() -> None:
     for seed in args.base_seeds:
         seeds[seed] = one_base(seed)
         print(seed, json.dumps(seeds[seed]), flush=True)
-    names = [n for n in seeds[args.base_seeds[0]] if n != "base_vendi"]
+    names = [n for n in seeds[args.base_seeds[0]] if n not in ("base_vendi", "base_support")]
     summary = {}
     for name in names:
         for key in ("spread_vs_base_weighed", "spread_vs_base_ignored", "vendi"):

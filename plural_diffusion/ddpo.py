@@ -199,11 +199,14 @@ class Trainer:
             self.base_similarity = self._base_within_taste_similarity()
 
     @contextlib.contextmanager
-    def _draws_aside(self):
-        """Draw batches from a generator of their own and keep the pending group, so that
-        training draws the same prompts and noise with or without what runs inside."""
+    def _draws_aside(self, seed: int | None = None):
+        """Draw batches from a generator of their own (seeded `seed`, or from the run's seed)
+        and keep the pending group, so that training draws the same prompts and noise with or
+        without what runs inside."""
         kept = self.generator, self.pending
-        self.generator = torch.Generator().manual_seed(self.cfg.seed + 7919)
+        self.generator = torch.Generator().manual_seed(
+            self.cfg.seed + 7919 if seed is None else seed
+        )
         try:
             yield
         finally:
