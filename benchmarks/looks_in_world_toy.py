@@ -32,9 +32,25 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DRAWS, SIZE = 20, 16
 
 
-def median_vendi(features: torch.Tensor, rows: torch.Tensor, g: torch.Generator) -> float:
+def median_vendi(features: torch.Tensor, rows: torch.Tensor, g: torch.Generator) -> float | None:
+    """Median Vendi score of DRAWS random picks of SIZE of `rows`; None when there are fewer."""
+    if len(rows) < SIZE:
+        return None
     picks = [rows[torch.randperm(len(rows), generator=g)[:SIZE]] for _ in range(DRAWS)]
     return round(statistics.median(vendi_score(features[p]) for p in picks), 2)
+
+
+def looks_at_gold(gold: torch.Tensor, features: torch.Tensor, g: torch.Generator) -> dict:
+    """For one cluster's gold [N] of N images with `features` [N, D]: how many reach gold 0.5
+    and 0.8, and the median Vendi of SIZE of them."""
+    out = {}
+    for threshold in (0.5, 0.8):
+        rows = (gold >= threshold).nonzero().flatten()
+        out[f"gold>={threshold}"] = {
+            "images": len(rows),
+            "vendi_of_16": median_vendi(features, rows, g),
+        }
+    return out
 
 
 @torch.no_grad()
@@ -57,13 +73,7 @@ def main() -> None:
         "clusters": {},
     }
     for k, name in enumerate(world.raters.cluster_names):
-        entry = {}
-        for threshold in (0.5, 0.8):
-            rows = (gold[:, k] >= threshold).nonzero().flatten()
-            entry[f"gold>={threshold}"] = {
-                "images": len(rows),
-                "vendi_of_16": median_vendi(features, rows, g) if len(rows) >= SIZE else None,
-            }
+        entry = looks_at_gold(gold[:, k], features, g)
         rows = (gold[:, k] >= 0.8).nonzero().flatten()
         head = rewards.cluster_names.index(name)
         entry["hue_turned"] = {}

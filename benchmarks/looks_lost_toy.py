@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 from draft_options_toy import held_out_images
+from looks_in_world_toy import looks_at_gold, median_vendi
 from torchvision.utils import save_image
 
 from plural_diffusion.cache import cache_root
@@ -49,21 +50,10 @@ def base_support(trainer: Trainer, gold, names: list[str], batches: int = 16) ->
     scores = gold(images)
     features = torch.cat([trainer.rewards.features(x) for x in images.split(256)])
     g = torch.Generator().manual_seed(0)
-
-    def vendi_of_16(rows: torch.Tensor) -> float | None:
-        if len(rows) < 16:
-            return None
-        picks = [rows[torch.randperm(len(rows), generator=g)[:16]] for _ in range(20)]
-        return round(statistics.median(vendi_score(features[p]) for p in picks), 2)
-
-    out = {"images": len(images), "any_16": vendi_of_16(torch.arange(len(images)))}
+    out = {"images": len(images), "any_16": median_vendi(features, torch.arange(len(images)), g)}
     for k, name in enumerate(names):
-        for threshold in (0.5, 0.8):
-            rows = (scores[:, k] >= threshold).nonzero().flatten()
-            out[f"{name} gold>={threshold}"] = {
-                "images": len(rows),
-                "vendi_of_16": vendi_of_16(rows),
-            }
+        looks = looks_at_gold(scores[:, k], features, g)
+        out.update({f"{name} {key}": value for key, value in looks.items()})
     return out
 
 
