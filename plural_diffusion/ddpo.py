@@ -783,6 +783,12 @@ class Trainer:
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self.pending = (mine["pending_prompt"], mine["pending_taste"], mine["pending_noise"])
 
+    def close(self) -> None:
+        """Finish the trackers and leave the process group; every process calls it once its
+        training is over. A gloo process that leaves its group to interpreter shutdown can abort
+        there (`terminate called without an active exception`) and fail a finished run."""
+        self.accelerator.end_training()
+
     def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
         cfg = self.cfg
         ckpt_root = self.out_dir / "checkpoints"
@@ -820,8 +826,8 @@ class Trainer:
             bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             bar.update(1)
         bar.close()
-        if cfg.tensorboard:
-            self.accelerator.end_training()
+        for tracker in self.accelerator.trackers:  # flushed; the process group stays (`close`)
+            tracker.finish()
         if self.accelerator.is_main_process:
             write_json(self.out_dir / "history.json", {"history": self.history})
         return self.history
@@ -851,5 +857,9 @@ def train(cfg: TrainConfig, resume: bool = False, gold_fn=None, progress: bool =
     write_json(out / "config.json", to_dict(cfg))
     if not resume and (out / "log.jsonl").exists():
         (out / "log.jsonl").unlink()
-    Trainer(cfg, gold_fn=gold_fn).fit(resume=resume, progress=progress)
+    trainer = Trainer(cfg, gold_fn=gold_fn)
+    try:
+        trainer.fit(resume=resume, progress=progress)
+    finally:
+        trainer.close()
     return out

@@ -42,6 +42,7 @@ def main() -> None:
         history = trainer.fit(resume=resume, progress=False)
     except UserError as e:
         (trainer.out_dir / f"error-rank{acc.process_index}.txt").write_text(str(e))
+        trainer.close()
         raise
     lora = torch.cat([p.detach().flatten() for p in trainer.params])
     digest = hashlib.sha256(lora.numpy().tobytes()).hexdigest()
@@ -59,6 +60,7 @@ def main() -> None:
         }
         (trainer.out_dir / "mp_report.json").write_text(json.dumps(report))
     acc.wait_for_everyone()
+    trainer.close()  # as `train` does: a rank left to exit inside its group can abort
 
 
 if __name__ == "__main__":
