@@ -13,8 +13,7 @@ from markupsafe import Markup
 from werkzeug.serving import make_server
 
 from reward_models.errors import UserError
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+from reward_models.image_files import IMAGE_SUFFIXES, has_image_suffix
 
 FRAME = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title>
@@ -70,7 +69,7 @@ def list_images(folder: str | Path) -> list[Path]:
         raise UserError(f"{folder}: no such folder of images")
     found = []
     for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+        if not has_image_suffix(path) or not path.is_file():
             continue
         real = path.resolve()
         if real.is_relative_to(root) and not any(

@@ -27,10 +27,10 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 
 from reward_models.errors import UserError
+from reward_models.image_files import IMAGE_SUFFIXES, has_image_suffix
 from reward_models.io import file_sha256, save_tensors
 
 ImageInput = str | os.PathLike | Image.Image | torch.Tensor
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _LIST_MODELS = "python -c 'import open_clip; print(open_clip.list_models())'"
 
@@ -439,7 +439,7 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+            out.extend(sorted(f for f in p.rglob("*") if has_image_suffix(f)))
         elif p.is_file():
             out.append(p)
         else:
