@@ -259,19 +259,22 @@ def chromium():
 
 
 def text_after_submit(driver, element_id: str, expected: str) -> str:
-    """The text of element `element_id` once the page a click submitted shows `expected` (the
-    old page's element goes stale as the new page loads)."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    """The text of element `element_id` once the page a click submitted shows `expected`.
+
+    Read in one script call, holding no element between calls: while the new page loads, an
+    element found on the old one goes stale, which Chromium reports either as a stale element
+    or as an "unknown error" (a node that no longer belongs to the document). An error while
+    the page changes is retried until the wait runs out."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def shown(d):
-        text = d.find_element("id", element_id).text
-        return text if expected in text else False
+    script = "const e = document.getElementById(arguments[0]); return e ? e.innerText : null;"
 
-    wait = WebDriverWait(
-        driver, 15, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
-    )
-    return wait.until(shown)
+    def shown(d):
+        text = d.execute_script(script, element_id)
+        return text if text is not None and expected in text else False
+
+    return WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(shown)
 
 
 def images_load(driver, selector: str, n: int) -> bool:

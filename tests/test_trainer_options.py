@@ -304,3 +304,23 @@ def test_diversity_above_base_measures_the_base_aside_and_spares_looks_already_a
     plain.train_epoch()
     for name, value in lora_state(plain).items():
         torch.testing.assert_close(lora_state(hinged)[name], value, rtol=1e-5, atol=1e-7)
+
+
+def test_train_closes_the_trainer_when_training_stops_with_an_error(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    # a rank that exits still inside its gloo process group can abort at interpreter shutdown
+    # (std::terminate), failing a finished run, so `train` leaves the group however fit ends
+    from plural_diffusion.ddpo import train
+
+    closed = []
+
+    def stop(self, *args, **kwargs):
+        raise UserError("non-finite reward at epoch 0; stopped")
+
+    monkeypatch.setattr(Trainer, "fit", stop)
+    monkeypatch.setattr(Trainer, "close", lambda self: closed.append(self.cfg.out_dir))
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=1")
+    with pytest.raises(UserError, match="non-finite reward"):
+        train(cfg)
+    assert closed == [cfg.out_dir]
