@@ -280,11 +280,12 @@ def text_after_submit(driver, element_id: str, expected: str) -> str:
 def images_load(driver, selector: str, n: int) -> bool:
     """Whether the page shows `n` images matching `selector` and every one decodes (waiting for
     them to finish loading)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
     script = f"return Array.from(document.querySelectorAll('{selector}'))"
     script += ".map(i => i.complete && i.naturalWidth > 0);"
-    loaded = WebDriverWait(driver, 15).until(
+    loaded = WebDriverWait(driver, 15, ignored_exceptions=(WebDriverException,)).until(
         lambda d: (flags := d.execute_script(script)) and len(flags) == n and all(flags)
     )
     return bool(loaded)
@@ -293,6 +294,7 @@ def images_load(driver, selector: str, n: int) -> bool:
 def test_in_the_browser_a_user_rates_sees_their_taste_and_gets_images(
     matched_checkpoint, tmp_path, chromium
 ):
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -323,9 +325,9 @@ def test_in_the_browser_a_user_rates_sees_their_taste_and_gets_images(
         assert pd.read_csv(session.ratings_file)["score"].tolist() == [8, 1, 3]
 
         chromium.find_element(By.CSS_SELECTOR, "#generate button").click()
-        WebDriverWait(chromium, 120).until(
+        WebDriverWait(chromium, 120, ignored_exceptions=(WebDriverException,)).until(
             lambda d: len(d.find_elements(By.CSS_SELECTOR, "img.generated")) == 2 * 3
-        )
+        )  # retried while the page that the click asked for replaces this one
         assert images_load(chromium, "img.generated", 6)
         assert "6 images for your taste" in chromium.find_element(By.ID, "status").text
         manifest = json.loads(
