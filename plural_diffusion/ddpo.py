@@ -784,10 +784,11 @@ class Trainer:
         self.pending = (mine["pending_prompt"], mine["pending_taste"], mine["pending_noise"])
 
     def close(self) -> None:
-        """Finish the trackers and leave the process group; every process calls it once its
-        training is over. A gloo process that leaves its group to interpreter shutdown can abort
-        there (`terminate called without an active exception`) and fail a finished run."""
-        self.accelerator.end_training()
+        """Leave the process group (`fit` has finished the trackers); every process calls it
+        once its training is over. A gloo process that leaves its group to interpreter shutdown
+        can abort there (`terminate called without an active exception`) and fail a finished
+        run. A no-op in a single process."""
+        self.accelerator.state.destroy_process_group()
 
     def fit(self, resume: bool = False, progress: bool = True) -> list[dict]:
         cfg = self.cfg
