@@ -31,6 +31,43 @@ from plural_diffusion.train_config import TrainConfig
 from reward_models.config import load_config
 
 
+def demo_stages(base_seed: int | None = None, reward_overrides=()):
+    """The demo's stages (`plural-diffusion demo`, cached): toy world, base (trained from
+    `base_seed` if given), reward run; with the world, the cluster names and their gold."""
+    cfg = load_config(DemoConfig, CONFIGS / "demo.yaml")
+    if base_seed is not None:
+        cfg.prepare.base.seed = base_seed
+    cfg.reward_overrides = [*cfg.reward_overrides, *reward_overrides]
+    assets = prepare_toy(cfg.prepare, progress=False)
+    run = stage_rewards(cfg, assets, cache_root())
+    world = load_world(assets.world)
+    names = TasteRewards(str(run)).cluster_names
+    return assets, run, world, names, gold_in_head_order(world, names)
+
+
+def toy_train_config(assets, run, out_dir: str, *overrides: str) -> TrainConfig:
+    """configs/toy.yaml on the demo's base and reward run, no tracker, no checkpoints."""
+    return load_config(
+        TrainConfig,
+        CONFIGS / "toy.yaml",
+        [
+            f"base={assets.base}",
+            f"rewards={run}",
+            "tensorboard=false",
+            "save_every=1000",
+            f"out_dir={out_dir}",
+            *overrides,
+        ],
+    )
+
+
+def cross_taste_gold(scores: torch.Tensor, taste: torch.Tensor) -> list[list[float]]:
+    """Gold [n, K] of images made for tastes [n] -> [K, K] means (rows: made for; columns:
+    scored by); its diagonal is each cluster's gold on its own images."""
+    ks = range(scores.shape[1])
+    return [[round(scores[taste == k, j].mean().item(), 3) for j in ks] for k in ks]
+
+
 @torch.no_grad()
 def held_out_images(trainer: Trainer, n: int = 48, base: bool = False, seed: int = 1234):
     """Taste indices [n] and images [n, 3, H, W] on fixed prompts and noise (base=True: the
@@ -51,11 +88,9 @@ def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
     features = trainer.rewards.features(images)
     if trainer.tastes is None or base:
         return [round(x, 3) for x in scores.mean(0).tolist()], [round(vendi_score(features), 2)]
+    cross = cross_taste_gold(scores, taste)
     ks = range(scores.shape[1])
-    return (
-        [round(scores[taste == k, k].mean().item(), 3) for k in ks],
-        [round(vendi_score(features[taste == k]), 2) for k in ks],
-    )
+    return [cross[k][k] for k in ks], [round(vendi_score(features[taste == k]), 2) for k in ks]
 
 
 def main() -> None:
@@ -65,26 +100,10 @@ def main() -> None:
     parser.add_argument("--base-seed", type=int, default=None, help="toy base seed")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    cfg = load_config(DemoConfig, CONFIGS / "demo.yaml")
-    if args.base_seed is not None:
-        cfg.prepare.base.seed = args.base_seed
-    cfg.reward_overrides = [*cfg.reward_overrides, *args.reward_overrides]
-    assets = prepare_toy(cfg.prepare, progress=False)
-    run = stage_rewards(cfg, assets, cache_root())
-    gold = gold_in_head_order(load_world(assets.world), TasteRewards(str(run)).cluster_names)
+    assets, run, _, _, gold = demo_stages(args.base_seed, args.reward_overrides)
     for overrides in args.runs:
-        tcfg = load_config(
-            TrainConfig,
-            CONFIGS / "toy.yaml",
-            [
-                f"base={assets.base}",
-                f"rewards={run}",
-                "tensorboard=false",
-                "save_every=1000",
-                f"out_dir=runs/bench/draft_options/{overrides.replace(' ', '_')}",
-                *overrides.split(),
-            ],
-        )
+        out = f"runs/bench/draft_options/{overrides.replace(' ', '_')}"
+        tcfg = toy_train_config(assets, run, out, *overrides.split())
         trainer = Trainer(tcfg, gold_fn=gold)
         if overrides == args.runs[0]:
             gold_base, vendi_base = held_out(trainer, gold, base=True)

@@ -22,19 +22,14 @@ import statistics
 from pathlib import Path
 
 import torch
-from draft_options_toy import held_out_images
+from draft_options_toy import demo_stages, held_out_images
 from looks_in_world_toy import looks_at_gold, median_vendi
 from torchvision.utils import save_image
 
-from plural_diffusion.cache import cache_root
 from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
 from plural_diffusion.evaluate import vendi_score
-from plural_diffusion.rewards import TasteRewards
-from plural_diffusion.toyworld.prepare import prepare_toy
 from plural_diffusion.toyworld.raters import STATS, pixel_stats
-from plural_diffusion.toyworld.ratings import load_world
 from plural_diffusion.train_config import TrainConfig
 from reward_models.config import load_config
 
@@ -58,13 +53,7 @@ def base_support(trainer: Trainer, gold, names: list[str], batches: int = 16) ->
 
 
 def one_base(seed: int) -> dict:
-    cfg = load_config(DemoConfig, CONFIGS / "demo.yaml")
-    cfg.prepare.base.seed = seed
-    assets = prepare_toy(cfg.prepare, progress=False)
-    run = stage_rewards(cfg, assets, cache_root())
-    names = TasteRewards(str(run)).cluster_names
-    world = load_world(assets.world)
-    gold = gold_in_head_order(world, names)
+    assets, run, world, names, gold = demo_stages(seed)
     overrides = [f"base={assets.base}", f"rewards={run}", f"seed={seed}", "tensorboard=false"]
     out = f"out_dir=runs/bench/looks_lost/base-{seed}"
     trainer = Trainer(load_config(TrainConfig, CONFIGS / "toy.yaml", [*overrides, out]))

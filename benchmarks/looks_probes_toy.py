@@ -38,20 +38,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from draft_options_toy import held_out_images
+from draft_options_toy import cross_taste_gold, demo_stages, held_out_images, toy_train_config
 
 from plural_diffusion import conditioning
-from plural_diffusion.cache import cache_root
-from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
 from plural_diffusion.evaluate import vendi_score
 from plural_diffusion.experts import routing_temperature
-from plural_diffusion.rewards import TasteRewards
-from plural_diffusion.toyworld.prepare import prepare_toy
-from plural_diffusion.toyworld.ratings import load_world
-from plural_diffusion.train_config import TrainConfig
-from reward_models.config import load_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NO_CROSS_KV = (
@@ -145,7 +137,7 @@ def look_codes(n_codes: int):
 def reward_readable_codes(trainer: Trainer, state: dict, n_codes: int, lam: float) -> None:
     """Reward minus lam * the cross-entropy of a per-taste linear reader of the look code."""
     rewards, n_tastes = trainer.rewards, len(trainer.taste_names)
-    dim = rewards.features(torch.zeros(1, 3, 32, 32, device=trainer.device)).shape[1]
+    dim = rewards.encoder.dim
     weight = torch.zeros(n_tastes, dim, n_codes, requires_grad=True)
     bias = torch.zeros(n_tastes, n_codes, requires_grad=True)
     reader = torch.optim.Adam([weight, bias], lr=0.01)
@@ -183,28 +175,12 @@ N_CODES = 4
 
 
 def one_base(seed: int, levers: list[str]) -> dict:
-    cfg = load_config(DemoConfig, CONFIGS / "demo.yaml")
-    cfg.prepare.base.seed = seed
-    assets = prepare_toy(cfg.prepare, progress=False)
-    run = stage_rewards(cfg, assets, cache_root())
-    world = load_world(assets.world)
-    names = TasteRewards(str(run)).cluster_names
-    gold = gold_in_head_order(world, names)
+    assets, run, world, names, gold = demo_stages(seed)
     out = {}
     for name in levers:
         overrides, change = LEVERS[name]
-        tcfg = load_config(
-            TrainConfig,
-            CONFIGS / "toy.yaml",
-            [
-                f"base={assets.base}",
-                f"rewards={run}",
-                "tensorboard=false",
-                "save_every=1000",
-                f"out_dir=runs/bench/looks_probes/{seed}/{name.replace(' ', '_')}",
-                *overrides,
-            ],
-        )
+        out_dir = f"runs/bench/looks_probes/{seed}/{name.replace(' ', '_')}"
+        tcfg = toy_train_config(assets, run, out_dir, *overrides)
         coded = change and not callable(change) and change[0] == "code"
         with look_codes(N_CODES) if coded else contextlib.nullcontext() as state:
             row = train_and_score(tcfg, gold, names, world, change, state, out)
@@ -235,7 +211,7 @@ def train_and_score(tcfg, gold, names, world, change, state, out: dict) -> dict:
     taste, images = held_out_images(trainer)
     scores, features = gold(images), trainer.rewards.features(images)
     ks = range(len(names))
-    cross = [[round(scores[taste == k, j].mean().item(), 3) for j in ks] for k in ks]
+    cross = cross_taste_gold(scores, taste)
     row.update(
         {
             "seconds": round(sum(e["seconds"] for e in history)),

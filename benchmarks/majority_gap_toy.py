@@ -25,17 +25,10 @@ import json
 from pathlib import Path
 
 import torch
-from draft_options_toy import held_out_images
+from draft_options_toy import cross_taste_gold, demo_stages, held_out_images, toy_train_config
 
-from plural_diffusion.cache import cache_root
-from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddpo import Trainer
-from plural_diffusion.demo import DemoConfig, gold_in_head_order, stage_rewards
 from plural_diffusion.rewards import TasteRewards
-from plural_diffusion.toyworld.prepare import prepare_toy
-from plural_diffusion.toyworld.ratings import load_world
-from plural_diffusion.train_config import TrainConfig
-from reward_models.config import load_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -66,34 +59,15 @@ def blend_with_mean_head(trainer: Trainer) -> None:
     trainer._reward = blended
 
 
-def per_cluster_gold(gold, taste: torch.Tensor, images: torch.Tensor) -> list[float]:
-    scores = gold(images)
-    return [round(scores[taste == k, k].mean().item(), 3) for k in range(scores.shape[1])]
-
-
 def one_base(seed: int, blend: bool = False) -> dict:
-    cfg = load_config(DemoConfig, CONFIGS / "demo.yaml")
-    cfg.prepare.base.seed = seed
-    assets = prepare_toy(cfg.prepare, progress=False)
-    run = stage_rewards(cfg, assets, cache_root())
-    world = load_world(assets.world)
+    assets, run, world, _, gold = demo_stages(seed)
     rewards = TasteRewards(str(run))
-    gold = gold_in_head_order(world, rewards.cluster_names)
     k = int(rewards.cluster_shares.argmax())
     out = {"majority": rewards.cluster_names[k]}
     for objective in ("mean", "matched", "matched, blended") if blend else ("mean", "matched"):
-        tcfg = load_config(
-            TrainConfig,
-            CONFIGS / "toy.yaml",
-            [
-                f"base={assets.base}",
-                f"rewards={run}",
-                f"objective={objective.split(',')[0]}",
-                f"seed={seed}",
-                "tensorboard=false",
-                "save_every=1000",
-                f"out_dir=runs/bench/majority_gap/{seed}/{objective.replace(', ', '-')}",
-            ],
+        out_dir = f"runs/bench/majority_gap/{seed}/{objective.replace(', ', '-')}"
+        tcfg = toy_train_config(
+            assets, run, out_dir, f"objective={objective.split(',')[0]}", f"seed={seed}"
         )
         trainer = Trainer(tcfg, gold_fn=gold)
         if objective == "matched, blended":
@@ -104,7 +78,8 @@ def one_base(seed: int, blend: bool = False) -> dict:
             out[objective] = scored(rewards, gold, images, k)
             continue
         out[objective] = scored(rewards, gold, images[taste == k], k)
-        out[objective]["gold_per_cluster"] = per_cluster_gold(gold, taste, images)
+        cross = cross_taste_gold(gold(images), taste)
+        out[objective]["gold_per_cluster"] = [cross[j][j] for j in range(len(cross))]
     world_gold = gold(world.images.images.float())[:, k]
     for level in (0.9, 0.98):
         at = world.images.images[world_gold >= level].float()
