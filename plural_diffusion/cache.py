@@ -7,7 +7,9 @@ results the new code would not produce.
 A stage directory is complete only when it holds a manifest listing every file with its size and
 sha256, written last. A directory without one (a run killed mid-way) or whose files disagree with
 it (a corrupt file) is rebuilt, never used. Stages are built in a temporary sibling directory and
-renamed into place, so a reader never sees half a stage.
+renamed into place, so a reader never sees half a stage. Building holds a lock file per stage, so
+processes sharing a cache (demos side by side) build each stage once: the others wait for it and
+reuse it, and no process clears away a build still in progress.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from reward_models.io import atomic_dir, file_sha256, write_json
@@ -90,6 +93,28 @@ def verify(root: Path) -> str | None:
     return None
 
 
+@contextmanager
+def _stage_lock(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file `lock` (released when its holder exits, however);
+    where the platform has no fcntl, no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process to finish building %s", lock.stem)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def cached_stage(
     name: str,
     config: dict,
@@ -100,15 +125,20 @@ def cached_stage(
     """Directory of stage `name` for `config`; `build(tmp_dir)` fills it when not cached yet."""
     root = Path(root) if root is not None else cache_root()
     path = root / f"{name}-{config_hash(config)}"
-    if not rebuild and path.exists():
-        reason = verify(path)
-        if reason is None:
-            log.info("reusing cached %s at %s", name, path)
-            return path
-        log.warning("cached %s at %s is unusable (%s); rebuilding", name, path, reason)
-    for stale in root.glob(f"*{path.name}.*.tmp"):  # left by a killed build
-        shutil.rmtree(stale, ignore_errors=True)
-    with atomic_dir(path) as tmp:
-        build(tmp)
-        write_manifest(tmp, config)
+    if not rebuild and verify(path) is None:
+        log.info("reusing cached %s at %s", name, path)
+        return path
+    with _stage_lock(root / f".{path.name}.lock"):
+        if path.exists():  # perhaps built by another process while this one waited
+            reason = verify(path)
+            if reason is None and not rebuild:
+                log.info("reusing cached %s at %s", name, path)
+                return path
+            if reason is not None:
+                log.warning("cached %s at %s is unusable (%s); rebuilding", name, path, reason)
+        for stale in root.glob(f"*{path.name}.*.tmp"):  # left by a killed build
+            shutil.rmtree(stale, ignore_errors=True)
+        with atomic_dir(path) as tmp:
+            build(tmp)
+            write_manifest(tmp, config)
     return path

@@ -385,6 +385,7 @@ class Trainer:
                 taste_index=None if taste is None else taste % len(self.taste_names),
                 source=self.cfg.taste.source,
                 assign=None if self.maxmin is None else self._assign_by_need,
+                mean_blend=self.cfg.mean_blend,
             )
 
     def _assign_by_need(self, scores: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,11 @@ With `penalty` k > 0 each reward becomes r - k * std, the std taken over an ense
 heads (the run's own plus its `ensemble/` members, each fitted on a bootstrap of the ratings)
 scoring the same image for the same taste: where the heads disagree the reward is least
 trustworthy, and that is where a policy over-optimises first.
+
+With `mean_blend` w > 0 the matched reward of a taste from cluster k becomes
+(1 - w s_k) r(x, z) + w s_k mean(x), s_k the cluster's share of the raters: the mean head is
+fitted to every rating, so it is mostly the majority's taste and sees the top of it more sharply
+than the majority's own head does; a minority's reward barely moves.
 """
 
 from __future__ import annotations
@@ -151,6 +156,7 @@ class TasteRewards:
         taste_index: torch.Tensor | None = None,
         source: TasteSource = "clusters",
         assign: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        mean_blend: float = 0.0,
     ) -> torch.Tensor:
         """Reward [B] of each image under `objective`.
 
@@ -159,7 +165,9 @@ class TasteRewards:
 
         taste: [B, d], required for matched. penalty > 0 subtracts `penalty` times the
         ensemble's std, which needs `taste_index` [B] (rows of the `source` taste table) for
-        matched, as the members read tastes by index.
+        matched, as the members read tastes by index. mean_blend > 0 (matched) shrinks each
+        reward toward the mean head by mean_blend times its cluster's share; it too needs
+        `taste_index`.
         """
         features = self.features(images)
         if objective == "mean":
@@ -168,6 +176,11 @@ class TasteRewards:
             if taste is None:
                 raise UserError("objective=matched needs a taste per image")
             reward, index = self.taste_head.score(features, taste), taste_index
+            if mean_blend > 0:
+                if taste_index is None:
+                    raise UserError("mean_blend needs the taste index of each image")
+                w = mean_blend * self.taste_shares(taste_index, source).to(reward)
+                reward = (1 - w) * reward + w * self.mean_head.score(features, None)
         elif objective == "maxmin":
             if assign is None:
                 raise UserError("objective=maxmin needs each image's cluster assignment")
@@ -183,6 +196,14 @@ class TasteRewards:
                 raise UserError("the ensemble penalty needs the taste index of each image")
             reward = reward - penalty * self.ensemble_std(features, index, source)
         return reward
+
+    def taste_shares(self, taste_index: torch.Tensor, source: TasteSource) -> torch.Tensor:
+        """The share of the raters in the cluster of each taste, [B] (`taste_index` rows of
+        the `source` table: clusters, or raters, each in its own cluster)."""
+        shares = self.cluster_shares.to(taste_index.device)
+        if source == "raters":
+            return shares[self.run.clusters.labels.to(taste_index.device)[taste_index]]
+        return shares[taste_index]
 
     def ensemble_std(
         self, features: torch.Tensor, taste_index: torch.Tensor | None, source: TasteSource

@@ -132,6 +132,11 @@ class TrainConfig:
     # reward - k * std over the reward run's rater-head ensemble (over-optimisation guard; the
     # run needs ensemble_size > 0)
     ensemble_penalty: float = 0.0
+    # matched: each taste's reward becomes (1 - w s) head(x, z) + w s mean_head(x), s the share
+    # of the raters in its cluster, w this: the majority borrows the mean head's sharper view of
+    # its own taste, a small minority's reward is nearly its own (0: off; taste-blind objectives
+    # ignore it, as they ignore `conditioning`)
+    mean_blend: float = 0.0
     seed: int = 0
     out_dir: str = "runs/policy"
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
@@ -189,6 +194,8 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             )
         if cpu:
             raise UserError("attention=xformers runs on CUDA only; use attention=sdpa")
+    if not 0.0 <= cfg.mean_blend <= 1.0:
+        raise UserError(f"mean_blend={cfg.mean_blend}: a weight in [0, 1] (0: off)")
     if not 0.0 <= cfg.lr_final <= 1.0:
         raise UserError(f"lr_final={cfg.lr_final}: a fraction of lr, in [0, 1]")
     if cfg.ddpo.gradient_accumulation < 1:

@@ -56,6 +56,39 @@ def test_stage_without_manifest_is_rebuilt(tmp_path):
     assert len(calls) == 2
 
 
+def _build_slowly(d):
+    """A build that takes a while and records each time it runs (in the cache's parent)."""
+    import time
+
+    with open(d.parent.parent / "builds.txt", "a") as f:
+        f.write("built\n")
+    (d / "half.bin").write_bytes(b"\x01" * 1000)
+    time.sleep(0.5)
+    (d / "config.json").write_text('{"a": 1}')
+
+
+def _use_stage(root, results):
+    path = cached_stage("shared", {"x": 1}, _build_slowly, root=root)
+    results.put((str(path), verify(path), (path / "config.json").read_text()))
+
+
+def test_processes_sharing_a_cache_build_a_stage_once_and_all_read_it_whole(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    root, results = tmp_path / "cache", ctx.Queue()
+    procs = [ctx.Process(target=_use_stage, args=(root, results)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    seen = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert (tmp_path / "builds.txt").read_text() == "built\n"
+    assert {s[0] for s in seen} == {str(root / next(root.glob("shared-*")).name)}
+    assert all(reason is None and text == '{"a": 1}' for _, reason, text in seen)
+
+
 def test_code_fingerprint_follows_the_source_of_the_named_modules(tmp_path, monkeypatch):
     import sys
 
