@@ -252,6 +252,52 @@ def test_draft_with_the_ensemble_penalty_lowers_the_reward_and_changes_the_updat
     assert any(not torch.equal(plain_lora[n], penalised_lora[n]) for n in plain_lora)
 
 
+def test_mean_blend_shrinks_each_tastes_reward_toward_the_mean_head_by_its_clusters_share(
+    reward_run,
+):
+    from plural_diffusion.rewards import TasteRewards
+
+    rewards = TasteRewards(str(reward_run))
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    taste = torch.tensor([0, 1, 2, 0, 1, 2])
+    z = rewards.cluster_tastes[taste]
+    own = rewards.reward(images, z, "matched")
+    mean = rewards.reward(images, None, "mean")
+    s = rewards.cluster_shares[taste]
+    assert len(set(s.tolist())) == 3  # three clusters of different sizes
+    for w in (1.0, 0.5):
+        blended = rewards.reward(images, z, "matched", taste_index=taste, mean_blend=w)
+        torch.testing.assert_close(blended, (1 - w * s) * own + w * s * mean)
+    # a rater's taste takes the share of the rater's cluster
+    raters = torch.arange(6)
+    zr = rewards.rater_tastes[raters]
+    own_r = rewards.reward(images, zr, "matched")
+    s_r = rewards.cluster_shares[rewards.run.clusters.labels[raters]]
+    blended_r = rewards.reward(
+        images, zr, "matched", taste_index=raters, source="raters", mean_blend=1
+    )
+    torch.testing.assert_close(blended_r, (1 - s_r) * own_r + s_r * mean)
+    with pytest.raises(UserError, match="mean_blend needs the taste index"):
+        rewards.reward(images, z, "matched", mean_blend=1.0)
+
+
+def test_mean_blend_outside_zero_to_one_is_a_one_line_error(toy_assets, reward_run, tmp_path):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "mean_blend=1.5")
+    with pytest.raises(UserError, match=r"mean_blend=1.5: a weight in \[0, 1\]"):
+        Trainer(cfg)
+
+
+def test_the_trainer_rewards_matched_images_with_the_blend(toy_assets, reward_run, tmp_path):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=1", "mean_blend=1")
+    trainer = Trainer(cfg)
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    taste = torch.tensor([0, 1, 2])
+    z = trainer.rewards.cluster_tastes[taste]
+    expected = trainer.rewards.reward(images, z, "matched", taste_index=taste, mean_blend=1.0)
+    torch.testing.assert_close(trainer._reward(images, z, taste), expected)
+    assert not torch.allclose(expected, trainer.rewards.reward(images, z, "matched"))
+
+
 @pytest.fixture(scope="module")
 def latent_run(fast_demo_config, toy_assets):
     from plural_diffusion.cache import cache_root
