@@ -4,8 +4,11 @@ Stages (each cached by config hash, so a rerun reuses what is finished and an in
 policy run resumes from its last checkpoint):
   1. prepare the toy world and its tiny models (`toy prepare`);
   2. train the reward heads (mean and rater-aware) and taste clusters, and evaluate them;
-  3. train the policies: `mean` (the baseline), `matched` (taste-conditioned, rewarded by the
-     head of the taste it was asked for) and `maxmin` (the worst-off cluster's reward);
+  3. train the policies: `mean` (the baseline) and `matched` (taste-conditioned, rewarded by the
+     head of the taste it was asked for); `maxmin`, the taste-blind policy for the worst-off
+     cluster, is by default the egalitarian lottery over matched's clusters
+     (`plural_diffusion.lottery`: shares fitted on the learned heads, no training), or with
+     maxmin=trained a LoRA trained on objective=maxmin;
   4. generate for every policy on the same prompts and seeds, score with learned heads and gold
      utilities (`plural_diffusion.evaluate`), write metrics.json, image grids, a summary table and
      report.html (`plural_diffusion.report`), with the matched policy's over-optimisation curve
@@ -27,6 +30,7 @@ from plural_diffusion.configs import config_path
 from plural_diffusion.ddpo import latest_checkpoint
 from plural_diffusion.ddpo import train as train_policy
 from plural_diffusion.evaluate import EvalConfig, evaluate_policies, gold_in_head_order
+from plural_diffusion.lottery import fit_lottery
 from plural_diffusion.report import summary_table, write_report
 from plural_diffusion.rewards import TasteRewards
 from plural_diffusion.toyworld.prepare import ToyPrepareConfig, prepare_toy
@@ -48,6 +52,12 @@ class DemoConfig:
     train_config: str = "toy.yaml"  # a shipped config or a path
     train_overrides: list[str] = field(default_factory=list)
     policies: list[str] = field(default_factory=lambda: ["mean", "matched", "maxmin"])
+    # maxmin: "lottery" draws each image's cluster from matched's by egalitarian shares
+    # (plural_diffusion.lottery); "trained" trains a taste-blind LoRA on objective=maxmin
+    maxmin: str = "lottery"
+    # the lottery's shares are fitted on this many images per prompt and cluster, on seeds the
+    # evaluation does not use (eval.seed + 100000, ...)
+    lottery_images_per_prompt: int = 16
     eval: EvalConfig = field(default_factory=EvalConfig)
     # The toy models are tiny: per-op overhead dominates and a second intra-op thread mostly adds
     # OpenMP barrier waits (README, "Timing").
@@ -136,6 +146,16 @@ def run_demo(cfg: DemoConfig, out_dir: Path, cache_dir: Path | None = None) -> d
     unknown = sorted(set(cfg.policies) - {"mean", "matched", "maxmin"})
     if unknown:
         raise UserError(f"unknown policies {unknown}; choose from mean, matched, maxmin")
+    if cfg.maxmin not in ("lottery", "trained"):
+        raise UserError(f"maxmin={cfg.maxmin!r}: use lottery or trained")
+    lottery = "maxmin" in cfg.policies and cfg.maxmin == "lottery"
+    if lottery and "matched" not in cfg.policies:
+        raise UserError(
+            "maxmin=lottery draws from the matched policy's clusters; add matched to policies "
+            "or use maxmin=trained"
+        )
+    if lottery and cfg.lottery_images_per_prompt < 1:
+        raise UserError(f"lottery_images_per_prompt={cfg.lottery_images_per_prompt}: must be >= 1")
 
     print("[1/4] preparing the toy world and its tiny models (cached)")
     assets = prepare_toy(cfg.prepare, root=root)
@@ -146,8 +166,25 @@ def run_demo(cfg: DemoConfig, out_dir: Path, cache_dir: Path | None = None) -> d
     rewards = TasteRewards(str(reward_run))
     gold_fn = gold_in_head_order(world, rewards.cluster_names)
 
-    print("[3/4] training policies: " + ", ".join(cfg.policies) + " (cached)")
-    stages = {p: stage_policy(cfg, p, assets.base, reward_run, gold_fn, root) for p in cfg.policies}
+    trained = [p for p in cfg.policies if not (lottery and p == "maxmin")]
+    print("[3/4] training policies: " + ", ".join(trained) + " (cached)")
+    stages = {p: stage_policy(cfg, p, assets.base, reward_run, gold_fn, root) for p in trained}
+    lotteries = None
+    if lottery:
+        start = cfg.eval.seed + 100_000
+        fitted = fit_lottery(
+            assets.base,
+            stages["matched"] / "policy",
+            rewards,
+            cfg.eval.prompts,
+            [start + i for i in range(cfg.lottery_images_per_prompt)],
+            cfg.eval.sampling,
+            cfg.eval.batch_size,
+        )
+        write_json(out_dir / "lottery.json", fitted)
+        lotteries = {"maxmin": ("matched", torch.tensor(fitted["shares"]))}
+        shares = ", ".join(f"{n} {s:.2f}" for n, s in zip(fitted["clusters"], fitted["shares"]))
+        print(f"      maxmin: the egalitarian lottery over matched's clusters ({shares})")
 
     print("[4/4] generating per taste and measuring against the mean baseline")
     metrics, images = evaluate_policies(
@@ -158,7 +195,12 @@ def run_demo(cfg: DemoConfig, out_dir: Path, cache_dir: Path | None = None) -> d
         gold_fn=gold_fn,
         baseline="mean" if "mean" in stages else "base",
         curves={"matched": stages["matched"] / "checkpoints"} if "matched" in stages else None,
+        lotteries=lotteries,
     )
+    if lottery:
+        metrics["policies"]["maxmin"]["lottery"]["fit"] = {
+            k: fitted[k] for k in ("cross_reward", "base_reward", "gain", "min_gain", "seeds")
+        }
     metrics["reward_heads"] = _head_summary(reward_run)
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out_dir / "metrics.json", metrics)

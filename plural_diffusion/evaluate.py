@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from plural_diffusion.generate import Taste, generate_images
+from plural_diffusion.lottery import lottery_images
 from plural_diffusion.policy import (
     CheckpointInfo,
     SamplerSettings,
@@ -354,6 +355,7 @@ def evaluate_policies(
     curves: dict[str, Path] | None = None,
     device="cpu",
     progress: bool = True,
+    lotteries: dict[str, tuple[str, torch.Tensor]] | None = None,
 ) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     """Generate with every policy (the base model always included) on the same prompts and
     seeds and measure them; returns (metrics, images per policy and taste).
@@ -362,6 +364,9 @@ def evaluate_policies(
     is compared with per (prompt, seed). curves: name -> a training run's checkpoints folder, for
     the over-optimisation curve of that policy. Each policy samples as it was trained (unless
     `cfg.sampling` overrides a value); the base model as the first trained policy.
+    lotteries: name -> (a taste-matched policy among `policies`, shares [K]): a taste-blind
+    policy whose image for each (prompt, seed) is that policy's image for a cluster drawn by
+    the shares (`plural_diffusion.lottery`), measured like any taste-blind policy.
     """
     policies = {"base": None, **policies}
     if baseline not in policies:
@@ -413,6 +418,26 @@ def evaluate_policies(
         metrics["policies"][name] = {
             "checkpoint": None if checkpoint is None else str(checkpoint),
             "sampling": settings.describe(),
+            **_metrics_of(scored[name], names),
+        }
+    for name, (source, shares) in (lotteries or {}).items():
+        if source not in scored or not scored[source].matched:
+            raise UserError(
+                f"lottery {name!r} draws from {source!r}, which is not an evaluated "
+                "taste-matched policy"
+            )
+        images, made_for = lottery_images(
+            scored[source].images, shares, names, len(cfg.prompts), seed=cfg.seed
+        )
+        scored[name] = score_images({NO_TASTE: images}, rewards, gold_fn)
+        metrics["policies"][name] = {
+            "checkpoint": metrics["policies"][source]["checkpoint"],
+            "lottery": {
+                "of": source,
+                "shares": dict(zip(names, (round(float(x), 4) for x in shares))),
+                "made_for": made_for,
+            },
+            "sampling": metrics["policies"][source]["sampling"],
             **_metrics_of(scored[name], names),
         }
     for name, s in scored.items():

@@ -3,6 +3,8 @@ is written, reruns reuse the cached stages."""
 
 import json
 
+import pytest
+
 from plural_diffusion import demo
 from plural_diffusion.demo import run_demo
 
@@ -21,6 +23,15 @@ def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path
     # every policy samples as the policies were trained (train_overrides: sampling.steps=10)
     assert {m["sampling"]["steps"] for m in saved["policies"].values()} == {10}
     assert set(saved["policies"]["matched"]["win_rate"]["gold"]) == {"noir", "sunny", "vivid"}
+    # maxmin is the egalitarian lottery over matched's clusters: taste-blind, no training of its own
+    maxmin = saved["policies"]["maxmin"]
+    assert maxmin["tastes"] == ["none"] and maxmin["lottery"]["of"] == "matched"
+    assert sum(maxmin["lottery"]["shares"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert len(maxmin["lottery"]["made_for"]) == len(fast_demo_config.eval.seeds)
+    assert set(maxmin["lottery"]["made_for"]) <= {"noir", "sunny", "vivid"}
+    fitted = json.loads((tmp_path / "demo" / "lottery.json").read_text())
+    assert fitted["shares"] == list(maxmin["lottery"]["shares"].values())
+    assert not set(fitted["seeds"]) & set(fast_demo_config.eval.seeds)
     # every checkpoint of the matched run is kept: epochs 1 and 2, after the base model (0)
     assert saved["overoptimisation"]["matched"]["epochs"] == [0, 1, 2]
     report = (tmp_path / "demo" / "report.html").read_text()
@@ -38,3 +49,17 @@ def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path
         again["policies"]["matched"]["gold_per_cluster"]
         == metrics["policies"]["matched"]["gold_per_cluster"]
     )
+
+
+def test_a_maxmin_lottery_without_the_matched_policy_is_a_one_line_error(
+    fast_demo_config, tmp_path
+):
+    import dataclasses
+
+    from reward_models.errors import UserError
+
+    cfg = dataclasses.replace(fast_demo_config, policies=["mean", "maxmin"])
+    with pytest.raises(UserError, match="maxmin=lottery draws from the matched policy"):
+        run_demo(cfg, out_dir=tmp_path / "demo")
+    with pytest.raises(UserError, match="use lottery or trained"):
+        run_demo(dataclasses.replace(fast_demo_config, maxmin="best"), out_dir=tmp_path / "demo")

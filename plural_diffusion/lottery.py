@@ -1,0 +1,165 @@
+"""The egalitarian lottery: a taste-blind policy made of a taste-matched one.
+
+A taste-blind policy cannot give every cluster its ideal when their ideals conflict; the best it
+can do for the worst-off cluster is a *varied* policy, a share of its images for each taste. The
+matched policy already has one look per cluster, so the taste-blind policy that raises the
+worst-off cluster furthest is a lottery over those looks: each image is made for cluster j with
+probability p_j, by the matched policy asked for j. The shares p solve a linear programme on the
+learned heads (never on gold):
+
+    maximise  min_k  (sum_j p_j R[j, k] - b[k]) / (max_j R[j, k] - b[k])   over the simplex
+
+R [K, K] the mean utility for cluster k (columns) of the images made for cluster j (rows), b [K]
+the base model's, each measured on calibration seeds that the evaluation does not use. Each
+cluster's utility is counted as the share of its attainable gain over the base model, so the
+heads' different scales do not decide which cluster is worst off (Kalai-Smorodinsky).
+
+    fitted = fit_lottery(base_dir, matched_dir, rewards, prompts, seeds)   # shares and figures
+    images = lottery_images(per_taste_images, fitted["shares"], names, n_prompts)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plural_diffusion.generate import Taste, generate_images
+from plural_diffusion.policy import SamplingOverrides, TastePolicy
+from plural_diffusion.rewards import TasteRewards
+from reward_models.errors import UserError
+
+
+def egalitarian_shares(cross_reward: torch.Tensor, base_reward: torch.Tensor) -> torch.Tensor:
+    """The lottery's shares [K] (see the module's docstring): cross_reward [K, K] (rows: made
+    for, columns: scored by), base_reward [K]."""
+    from scipy.optimize import linprog
+
+    r = torch.as_tensor(cross_reward, dtype=torch.float64)
+    b = torch.as_tensor(base_reward, dtype=torch.float64)
+    k = r.shape[0]
+    if r.shape != (k, k) or b.shape != (k,):
+        raise UserError(f"cross rewards {tuple(r.shape)} and base rewards {tuple(b.shape)} differ")
+    if k < 2:
+        raise UserError(
+            "an egalitarian lottery needs at least 2 taste clusters; with one, use objective=mean"
+        )
+    if not (torch.isfinite(r).all() and torch.isfinite(b).all()):
+        raise UserError("the lottery's utilities are not finite (NaN or inf rewards)")
+    span = (r.max(dim=0).values - b).clamp(min=1e-6)  # [K]: the attainable gain per cluster
+    gain = ((r - b) / span).numpy()  # [K (made for), K (scored by)]
+    # variables (p_1..p_K, t): maximise t s.t. t <= sum_j p_j gain[j, k] for every k
+    cost = np.zeros(k + 1)
+    cost[-1] = -1.0
+    upper = np.hstack([-gain.T, np.ones((k, 1))])
+    solved = linprog(
+        cost,
+        A_ub=upper,
+        b_ub=np.zeros(k),
+        A_eq=np.hstack([np.ones((1, k)), np.zeros((1, 1))]),
+        b_eq=[1.0],
+        bounds=[(0, 1)] * k + [(None, None)],
+        method="highs",
+    )
+    if not solved.success:  # cannot happen for a bounded, feasible programme; say so if it does
+        raise RuntimeError(f"the lottery's linear programme failed: {solved.message}")
+    p = torch.tensor(solved.x[:k], dtype=torch.float32).clamp(min=0)
+    return p / p.sum()
+
+
+def lottery_counts(n: int, shares: torch.Tensor) -> list[int]:
+    """n images split by `shares` [K] into whole numbers (largest remainders), summing to n."""
+    exact = shares.double() * n
+    counts = exact.floor().long()
+    order = torch.argsort(exact - counts, descending=True)
+    counts[order[: n - int(counts.sum())]] += 1
+    return counts.tolist()
+
+
+def lottery_images(
+    per_taste: dict[str, torch.Tensor],
+    shares: torch.Tensor,
+    names: Sequence[str],
+    n_prompts: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[str]]:
+    """The lottery's images from a matched policy's images per cluster ({name: [P * S, ...]},
+    prompt-major, the same seeds for every cluster): image (prompt, seed) is the one made for the
+    cluster it was drawn for. The draw is stratified per prompt (`lottery_counts` of the S seeds
+    for each cluster, their places shuffled by `seed`), so a small evaluation holds each
+    cluster's share, not a binomial draw of it. Returns the images [P * S, ...] and the cluster
+    each was made for."""
+    missing = [n for n in names if n not in per_taste]
+    if missing:
+        raise UserError(f"the lottery needs images made for every cluster; missing {missing}")
+    total = per_taste[names[0]].shape[0]
+    if total % n_prompts:
+        raise UserError(f"{total} images do not split into {n_prompts} prompts")
+    per_prompt = total // n_prompts
+    g = torch.Generator().manual_seed(seed)
+    counts = lottery_counts(per_prompt, shares)
+    rows, made_for = [], []
+    for prompt in range(n_prompts):
+        drawn = torch.cat([torch.full((c,), j) for j, c in enumerate(counts)])
+        drawn = drawn[torch.randperm(per_prompt, generator=g)]
+        for s, j in enumerate(drawn.tolist()):
+            rows.append(per_taste[names[j]][prompt * per_prompt + s])
+            made_for.append(names[j])
+    return torch.stack(rows), made_for
+
+
+@torch.no_grad()
+def fit_lottery(
+    base: str | Path,
+    checkpoint: str | Path,
+    rewards: TasteRewards,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    sampling: SamplingOverrides | None = None,
+    batch_size: int = 32,
+    device: str = "cpu",
+) -> dict:
+    """The lottery over a matched policy's clusters: generate on `seeds` (calibration seeds, not
+    the evaluation's) for each cluster's centroid taste and with the base model, score with the
+    learned heads, solve for the shares. Returns a JSON-ready dict: shares, the matrices it came
+    from, and the least share of attainable gain any cluster gets (`min_gain`)."""
+    names = rewards.cluster_names
+    overrides = sampling or SamplingOverrides()
+    policy = TastePolicy.from_pretrained(str(base), str(checkpoint), device=device)
+    if policy.conditioner is None:
+        raise UserError(
+            f"{checkpoint} is a taste-blind policy; the lottery draws from a taste-matched one "
+            "(objective=matched)"
+        )
+    settings = policy.settings(overrides)
+    tastes = rewards.cluster_tastes_in(policy.taste_space).detach().cpu()
+    asked = [Taste(n, f"cluster:{n}", tastes[k]) for k, n in enumerate(names)]
+    made = generate_images(policy, list(prompts), asked, list(seeds), settings, batch_size)
+    del policy
+    blind = TastePolicy.from_pretrained(str(base), None, device=device)
+    plain = generate_images(
+        blind, list(prompts), [Taste("none", "none", None)], list(seeds), settings, batch_size
+    )
+
+    def utilities(images: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> mean [K]
+        feats = torch.cat([rewards.features(x.to(rewards.device)) for x in images.split(64)])
+        return rewards.cluster_scores(feats).mean(dim=0).cpu()
+
+    cross = torch.stack([utilities(made[k].flatten(0, 1)) for k in range(len(names))])
+    base_reward = utilities(plain[0].flatten(0, 1))
+    shares = egalitarian_shares(cross, base_reward)
+    span = (cross.max(dim=0).values - base_reward).clamp(min=1e-6)
+    gain = (shares @ cross - base_reward) / span
+    return {
+        "of": str(checkpoint),
+        "clusters": list(names),
+        "shares": [round(float(s), 4) for s in shares],
+        "cross_reward": cross.tolist(),
+        "base_reward": base_reward.tolist(),
+        "gain": gain.tolist(),
+        "min_gain": float(gain.min()),
+        "seeds": list(seeds),
+        "prompts": list(prompts),
+    }
