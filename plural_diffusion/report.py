@@ -167,6 +167,18 @@ def _headline_images(metrics: dict, images: dict, seeds: list[int]) -> str:
     )
 
 
+def _lottery_words(name: str, m: dict) -> str:
+    """A caption's sentence on how a lottery policy makes its images, or nothing."""
+    if "lottery" not in m:
+        return ""
+    shares = ", ".join(f"{_e(n)} {s:.0%}" for n, s in m["lottery"]["shares"].items())
+    return (
+        f" {_e(name)} is taste-blind: each of its images is {_e(m['lottery']['of'])}'s image for "
+        f"a cluster drawn with the shares ({shares}) that raise the worst-off cluster's share of "
+        "its attainable gain furthest, judged by the learned heads."
+    )
+
+
 def _summary(metrics: dict) -> str:
     names, shares = metrics["clusters"]["names"], metrics["clusters"]["shares"]
     key, worst, words = _utility_key(metrics)
@@ -202,6 +214,7 @@ def _summary(metrics: dict) -> str:
             else "No gold utilities are known here, "
             "so these are the learned heads' scores, the proxy the policies were trained on."
         )
+        + "".join(_lottery_words(p, metrics["policies"][p]) for p in policies)
     )
     return f"<h2 id='summary'>Summary</h2>{_table(header, rows, classes)}<p class='caption'>{caption}</p>"
 

@@ -68,6 +68,14 @@ def synthetic_evaluation():
             "base": policy([0.64, 0.11, 0.04], [3.0, 2.0, 1.0], False),
             "mean": policy([0.95, 0.002, 0.016], [4.0, 0.5, 0.7], False),
             "matched": policy([0.935, 0.95, 0.508], [4.1, 4.4, 3.0], True),
+            "maxmin": {
+                **policy([0.41, 0.38, 0.21], [3.1, 3.0, 2.2], False),
+                "lottery": {
+                    "of": "matched",
+                    "shares": per_cluster([0.4, 0.3, 0.3]),
+                    "made_for": ["noir", "sunny", "noir", "vivid"],
+                },
+            },
         },
         "headline": {"policy": "matched", "baseline": "mean"},
         "cross_taste_gold": [[0.93, 0.01, 0.01], [0.01, 0.95, 0.05], [0.31, 0.2, 0.51]],
@@ -101,6 +109,7 @@ def synthetic_evaluation():
         "base": {"none": pictures()},
         "mean": {"none": pictures()},
         "matched": {name: pictures() for name in NAMES},
+        "maxmin": {"none": pictures()},
     }
     return metrics, images
 
@@ -114,6 +123,8 @@ def report_file(tmp_path_factory):
 def test_report_is_one_self_contained_file(report_file):
     page = report_file.read_text()
     assert "Matched vs mean, per cluster" in page
+    assert "maxmin is taste-blind: each of its images is matched's image for a cluster" in page
+    assert "(noir 40%, sunny 30%, vivid 30%)" in page
     sources = re.findall(r"""(?:src|href)=["']([^"']*)["']""", page)
     assert len(sources) >= 8 and all(s.startswith("data:") for s in sources)  # nothing to fetch
     assert not re.search(r"https?://|url\(", re.sub(r"data:[^\"']*", "", page))
