@@ -180,21 +180,28 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def _named_dirs(items: list[str], flag: str) -> dict[str, Path]:
-    """['mean=DIR', ...] -> {'mean': DIR}, with one-line errors for bad or repeated names."""
-    out: dict[str, Path] = {}
+def _named_values(
+    items: list[str],
+    flag: str,
+    form: str = "NAME=DIR",
+    example: str = "matched=runs/matched/checkpoints/epoch-0012",
+) -> dict[str, str]:
+    """['mean=VALUE', ...] -> {'mean': VALUE}, with one-line errors for bad or repeated names."""
+    out: dict[str, str] = {}
     for item in items:
-        name, sep, path = item.partition("=")
+        name, sep, value = item.partition("=")
         name = name.strip()
-        if not sep or not name or not path:
-            raise UserError(
-                f"{flag} {item!r}: expected NAME=DIR, e.g. {flag} matched=runs/matched/checkpoints/epoch-0012"
-            )
+        if not sep or not name or not value:
+            raise UserError(f"{flag} {item!r}: expected {form}, e.g. {flag} {example}")
         if name in out or name == "base":
             why = "is always evaluated" if name == "base" else "is given twice"
             raise UserError(f"{flag} {item!r}: the name {name!r} {why}; choose another name")
-        out[name] = Path(path)
+        out[name] = value
     return out
+
+
+def _named_dirs(items: list[str], flag: str) -> dict[str, Path]:
+    return {name: Path(value) for name, value in _named_values(items, flag).items()}
 
 
 def cmd_evaluate(args) -> int:
@@ -202,6 +209,7 @@ def cmd_evaluate(args) -> int:
 
     from plural_diffusion.evaluate import EvalConfig, evaluate_policies, toy_gold
     from plural_diffusion.generate import parse_seeds
+    from plural_diffusion.lottery import fit_lottery
     from plural_diffusion.policy import CheckpointInfo, policy_dir
     from plural_diffusion.report import summary_table, write_report
     from plural_diffusion.rewards import TasteRewards
@@ -234,12 +242,45 @@ def cmd_evaluate(args) -> int:
         dtype=_model_dtype(args),
     )
     baseline = args.baseline or ("mean" if "mean" in policies else "base")
+    lotteries = {}
+    for name, source in _named_values(
+        args.lottery, "--lottery", "NAME=POLICY", "maxmin=matched"
+    ).items():
+        if name in policies or name == "base":
+            raise UserError(f"--lottery {name}={source}: {name!r} is already a policy's name")
+        if source not in policies:
+            raise UserError(
+                f"--lottery {name}={source}: {source!r} is not a --policy of this evaluation"
+            )
+        start = max(seeds) + 100_000  # calibration seeds the evaluation does not use
+        fitted = fit_lottery(
+            base,
+            policies[source],
+            rewards,
+            cfg.prompts,
+            [start + i for i in range(args.lottery_seeds)],
+            cfg.sampling,
+            cfg.batch_size,
+            device=args.device,
+        )
+        write_json(args.out / f"lottery-{name}.json", fitted)
+        lotteries[name] = (source, torch.tensor(fitted["shares"]))
+        shares = ", ".join(f"{n} {x:.2f}" for n, x in zip(fitted["clusters"], fitted["shares"]))
+        print(f"{name}: the egalitarian lottery over {source}'s clusters ({shares})")
     print(
         f"evaluating {', '.join(['base', *policies])} on {len(cfg.prompts)} prompt(s) x "
         f"{len(seeds)} seed(s); gold utilities: {world or 'none (not a toy world)'}"
     )
     metrics, images = evaluate_policies(
-        base, policies, rewards, cfg, gold_fn, baseline, curves, device=args.device
+        base,
+        policies,
+        rewards,
+        cfg,
+        gold_fn,
+        baseline,
+        curves,
+        device=args.device,
+        lotteries=lotteries,
     )
     write_json(args.out / "metrics.json", metrics)
     report = write_report(args.out / "report.html", metrics, images)
@@ -432,6 +473,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=4,
         metavar="N",
         help="seeds per prompt and taste at each checkpoint of a curve (default 4)",
+    )
+    ev.add_argument(
+        "--lottery",
+        action="append",
+        default=[],
+        metavar="NAME=POLICY",
+        help="a taste-blind policy made of a taste-matched --policy: each image that policy's "
+        "image for a cluster drawn with egalitarian shares (repeatable; e.g. maxmin=matched)",
+    )
+    ev.add_argument(
+        "--lottery-seeds",
+        type=int,
+        default=16,
+        metavar="N",
+        help="seeds per prompt and cluster the lottery's shares are fitted on (default 16), "
+        "after the evaluation's own",
     )
     ev.add_argument("--out", type=Path, default=Path("outputs/evaluate"), help="output directory")
     ev.set_defaults(func=cmd_evaluate)

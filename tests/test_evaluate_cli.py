@@ -67,17 +67,29 @@ def test_evaluate_writes_per_cluster_metrics_win_rates_curve_and_report(
         "2",
         "--curve-seeds",
         "1",
+        "--lottery",
+        "maxmin=matched",
+        "--lottery-seeds",
+        "2",
         "--out",
         str(out),
     ]
     code, printed = run(argv, capsys)
     assert code == 0, printed.err
     assert "win rate vs mean" in printed.out and "report: " in printed.out
+    assert "maxmin: the egalitarian lottery over matched's clusters" in printed.out
 
     m = json.loads((out / "metrics.json").read_text())
     names = m["clusters"]["names"]
     assert names == ["noir", "sunny", "vivid"] and abs(sum(m["clusters"]["shares"]) - 1) < 1e-3
-    assert set(m["policies"]) == {"base", "mean", "matched"}  # the base model is always included
+    # the base model is always included; the lottery is a taste-blind policy of matched's images
+    assert set(m["policies"]) == {"base", "mean", "matched", "maxmin"}
+    lottery = m["policies"]["maxmin"]
+    assert lottery["tastes"] == ["none"] and lottery["lottery"]["of"] == "matched"
+    assert len(lottery["lottery"]["made_for"]) == 2  # one prompt x two seeds
+    fitted = json.loads((out / "lottery-maxmin.json").read_text())
+    assert len(fitted["seeds"]) == 2 and min(fitted["seeds"]) > 1  # not the evaluation's seeds
+    assert fitted["shares"] == list(lottery["lottery"]["shares"].values())
     for name, p in m["policies"].items():
         assert set(p["reward_per_cluster"]) == set(p["gold_per_cluster"]) == set(names), name
         assert p["worst_cluster_gold"] == min(p["gold_per_cluster"].values())
@@ -111,6 +123,8 @@ def test_evaluate_writes_per_cluster_metrics_win_rates_curve_and_report(
         (["--policy", "m=/no/such/ckpt"], "/no/such/ckpt: checkpoint directory not found"),
         (["--checkpoints", "m=/no/such/run"], "/no/such/run: checkpoints folder not found"),
         (["--baseline", "nobody"], "baseline policy 'nobody' is not evaluated"),
+        (["--lottery", "maxmin"], "expected NAME=POLICY, e.g. --lottery maxmin=matched"),
+        (["--lottery", "maxmin=nobody"], "'nobody' is not a --policy of this evaluation"),
     ],
 )
 def test_bad_evaluate_arguments_are_one_line_errors(
