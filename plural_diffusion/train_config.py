@@ -194,6 +194,12 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             )
         if cpu:
             raise UserError("attention=xformers runs on CUDA only; use attention=sdpa")
+    taste = cfg.taste
+    if taste.weighting == "share" and taste.grouped and taste.source in ("clusters", "latents"):
+        raise UserError(
+            "taste.weighting=share has no effect with taste.grouped=true (each group holds one "
+            "image per taste); set taste.grouped=false to draw tastes by their shares"
+        )
     if not 0.0 <= cfg.mean_blend <= 1.0:
         raise UserError(f"mean_blend={cfg.mean_blend}: a weight in [0, 1] (0: off)")
     if not 0.0 <= cfg.lr_final <= 1.0:

@@ -287,6 +287,12 @@ def test_mean_blend_outside_zero_to_one_is_a_one_line_error(toy_assets, reward_r
         Trainer(cfg)
 
 
+def test_share_weighting_with_grouped_tastes_is_a_one_line_error(toy_assets, reward_run, tmp_path):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "taste.weighting=share")
+    with pytest.raises(UserError, match="set taste.grouped=false to draw tastes by their shares"):
+        Trainer(cfg)
+
+
 def test_the_trainer_rewards_matched_images_with_the_blend(toy_assets, reward_run, tmp_path):
     cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=1", "mean_blend=1")
     trainer = Trainer(cfg)
