@@ -114,6 +114,7 @@ def cmd_generate(args) -> int:
         batch_size=args.batch_size,
         device=args.device,
         dtype=_model_dtype(args),
+        lottery=args.lottery,
     )
     n = sum(len(p["images"]) for p in manifest["prompts"])
     tastes = ", ".join(t["label"] for t in manifest["tastes"])
@@ -434,6 +435,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=5,
         metavar="N",
         help="tastes on the interpolation line, ends included (default 5)",
+    )
+    gen.add_argument(
+        "--lottery",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the egalitarian lottery (lottery.json from the demo or evaluate --lottery): each "
+        "image made for a cluster drawn with its shares; the policy turns taste-blind",
     )
     gen.add_argument("--out", type=Path, default=Path("outputs/generate"), help="output directory")
     gen.set_defaults(func=cmd_generate)

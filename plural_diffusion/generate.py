@@ -12,6 +12,11 @@ A taste is a vector z in the reward run's taste space, named on the command line
                             (benchmarks/new_users_toy.py)
     mean                    the null taste: "no preference"
 
+`--lottery FILE` (a `lottery.json` from `plural-diffusion demo`, or `lottery-NAME.json` from
+`evaluate --lottery`) makes a taste-matched policy taste-blind: each (prompt, seed) image is made
+for a cluster drawn with the egalitarian shares (`plural_diffusion.lottery`), the same draw the
+evaluation makes; the manifest and each PNG say which cluster.
+
 Every image is fixed by (taste, prompt, seed) alone: its initial noise and the noise of every
 DDIM step come from its own generator seeded with `seed`. The same seed under two tastes, or two
 policies, therefore differs only by what the taste (or the policy) changed, and an image does not
@@ -249,10 +254,12 @@ def write_outputs(
     seeds: list[int],
     settings: SamplerSettings,
     out_dir: str | Path,
+    made_for: list[list[str]] | None = None,
 ) -> dict:
     """One PNG per (taste, prompt, seed), a labelled grid per prompt (rows tastes, columns
     seeds) and manifest.json listing them; returns the manifest. The sampler settings, and
-    whether each came from the checkpoint or the user, go into both."""
+    whether each came from the checkpoint or the user, go into both. made_for [P][S]: a
+    lottery's cluster for each image (one taste, the lottery)."""
     out_dir = Path(out_dir)
     checkpoint = "none (base model)" if policy.checkpoint is None else str(policy.checkpoint)
     sampler = settings.describe()
@@ -289,10 +296,11 @@ def write_outputs(
                     "sampling_source": json.dumps(sampler["source"]),
                     "software": "plural-diffusion generate",
                 }
+                entry = {"taste": taste.label, "seed": seed, "file": str(path.relative_to(out_dir))}
+                if made_for is not None:
+                    text["made_for"] = entry["made_for"] = made_for[p][s]
                 save_png(images[t, p, s], path, text)
-                files.append(
-                    {"taste": taste.label, "seed": seed, "file": str(path.relative_to(out_dir))}
-                )
+                files.append(entry)
         grid = out_dir / f"grid-p{p}-{slug(prompt)}.png"
         save_grid(
             images[:, p],
@@ -339,6 +347,7 @@ def run_generate(
     device: str = "cpu",
     progress: bool = True,
     dtype: str = "fp32",
+    lottery: str | Path | None = None,
 ) -> dict:
     """What `plural-diffusion generate` does. Base, rewards, prompts and the sampler (steps,
     guidance, eta, negative prompt) default to the ones the checkpoint was trained with;
@@ -357,6 +366,19 @@ def run_generate(
     overrides = (overrides or SamplingOverrides()).check()  # fail before the slow loading
 
     specs = list(taste_specs) + [f"ratings:{r}" for r in ratings]
+    if lottery is not None:
+        if specs or interpolate_pair:
+            raise UserError(
+                "--lottery draws each image's cluster itself; drop --taste, "
+                "--ratings and --interpolate"
+            )
+        if not conditioned:
+            raise UserError(
+                "--lottery draws from a taste-matched policy: pass --checkpoint of "
+                "one trained with objective=matched"
+            )
+        if not Path(lottery).is_file():
+            raise UserError(f"{lottery}: lottery file not found")
     # no taste named: every cluster for a taste-conditioned policy, the null taste otherwise
     every_cluster = not specs and not interpolate_pair and conditioned
     if not specs and not interpolate_pair and not conditioned:
@@ -387,5 +409,44 @@ def run_generate(
         tastes += interpolate(ends[0], ends[1], interpolate_steps, null)
 
     settings = policy.settings(overrides)
+    if lottery is not None:
+        return _generate_lottery(
+            policy,
+            rewards,
+            lottery,
+            tastes,
+            prompts,
+            seeds,
+            settings,
+            batch_size,
+            progress,
+            out_dir,
+        )
     images = generate_images(policy, prompts, tastes, seeds, settings, batch_size, progress)
     return write_outputs(images, policy, prompts, tastes, seeds, settings, out_dir)
+
+
+def _generate_lottery(
+    policy, rewards, path, tastes, prompts, seeds, settings, batch_size, progress, out_dir
+) -> dict:
+    """Each (prompt, seed) image made for the cluster the lottery draws for it (`tastes`: one
+    per cluster, in the reward run's order), written as one taste, the lottery."""
+    from plural_diffusion.lottery import lottery_draw, read_lottery
+
+    shares = read_lottery(path, rewards.cluster_names)
+    drawn = lottery_draw(len(prompts), len(seeds), shares)  # [P, S]
+    images: list[list[torch.Tensor | None]] = [[None] * len(seeds) for _ in prompts]
+    for p, prompt in enumerate(prompts):
+        for k, taste in enumerate(tastes):
+            rows = (drawn[p] == k).nonzero()[:, 0].tolist()
+            if not rows:
+                continue
+            made = generate_images(
+                policy, [prompt], [taste], [seeds[s] for s in rows], settings, batch_size, progress
+            )
+            for i, s in enumerate(rows):
+                images[p][s] = made[0, 0, i]
+    stacked = torch.stack([torch.stack(row) for row in images])[None]  # [1, P, S, 3, H, W]
+    made_for = [[rewards.cluster_names[k] for k in row] for row in drawn.tolist()]
+    shown = Taste("lottery", f"lottery:{path}", None)
+    return write_outputs(stacked, policy, prompts, [shown], seeds, settings, out_dir, made_for)

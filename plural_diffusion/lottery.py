@@ -30,6 +30,7 @@ from plural_diffusion.generate import Taste, generate_images
 from plural_diffusion.policy import SamplingOverrides, TastePolicy
 from plural_diffusion.rewards import TasteRewards
 from reward_models.errors import UserError
+from reward_models.io import read_json
 
 
 def egalitarian_shares(cross_reward: torch.Tensor, base_reward: torch.Tensor) -> torch.Tensor:
@@ -78,6 +79,36 @@ def lottery_counts(n: int, shares: torch.Tensor) -> list[int]:
     return counts.tolist()
 
 
+def lottery_draw(
+    n_prompts: int, per_prompt: int, shares: torch.Tensor, seed: int = 0
+) -> torch.Tensor:
+    """The cluster each (prompt, seed) image is made for, [P, S]: per prompt `lottery_counts` of
+    the S seeds for each cluster, their places shuffled by `seed` (stratified, so a few images
+    hold each cluster's share rather than a binomial draw of it)."""
+    g = torch.Generator().manual_seed(seed)
+    counts = lottery_counts(per_prompt, shares)
+    drawn = torch.cat([torch.full((c,), j) for j, c in enumerate(counts)])
+    return torch.stack([drawn[torch.randperm(per_prompt, generator=g)] for _ in range(n_prompts)])
+
+
+def read_lottery(path: str | Path, cluster_names: Sequence[str]) -> torch.Tensor:
+    """The shares [K] of a lottery file (`lottery.json` from the demo, `lottery-NAME.json` from
+    `evaluate --lottery`), checked against the reward run's clusters."""
+    record = read_json(path)
+    shares, clusters = record.get("shares"), record.get("clusters")
+    if not isinstance(shares, list) or clusters != list(cluster_names):
+        raise UserError(
+            f"{path}: not a lottery over this reward run's clusters {list(cluster_names)} "
+            "(expected 'clusters' and 'shares', as `plural-diffusion demo` writes them)"
+        )
+    p = torch.tensor(shares, dtype=torch.float32)
+    if len(p) != len(clusters) or not torch.isfinite(p).all() or (p < 0).any() or p.sum() <= 0:
+        raise UserError(
+            f"{path}: shares {shares} are not a distribution over {len(clusters)} clusters"
+        )
+    return p / p.sum()
+
+
 def lottery_images(
     per_taste: dict[str, torch.Tensor],
     shares: torch.Tensor,
@@ -87,10 +118,8 @@ def lottery_images(
 ) -> tuple[torch.Tensor, list[str]]:
     """The lottery's images from a matched policy's images per cluster ({name: [P * S, ...]},
     prompt-major, the same seeds for every cluster): image (prompt, seed) is the one made for the
-    cluster it was drawn for. The draw is stratified per prompt (`lottery_counts` of the S seeds
-    for each cluster, their places shuffled by `seed`), so a small evaluation holds each
-    cluster's share, not a binomial draw of it. Returns the images [P * S, ...] and the cluster
-    each was made for."""
+    cluster `lottery_draw` drew for it. Returns the images [P * S, ...] and the cluster each was
+    made for."""
     missing = [n for n in names if n not in per_taste]
     if missing:
         raise UserError(f"the lottery needs images made for every cluster; missing {missing}")
@@ -98,16 +127,9 @@ def lottery_images(
     if total % n_prompts:
         raise UserError(f"{total} images do not split into {n_prompts} prompts")
     per_prompt = total // n_prompts
-    g = torch.Generator().manual_seed(seed)
-    counts = lottery_counts(per_prompt, shares)
-    rows, made_for = [], []
-    for prompt in range(n_prompts):
-        drawn = torch.cat([torch.full((c,), j) for j, c in enumerate(counts)])
-        drawn = drawn[torch.randperm(per_prompt, generator=g)]
-        for s, j in enumerate(drawn.tolist()):
-            rows.append(per_taste[names[j]][prompt * per_prompt + s])
-            made_for.append(names[j])
-    return torch.stack(rows), made_for
+    drawn = lottery_draw(n_prompts, per_prompt, shares, seed).flatten().tolist()
+    rows = [per_taste[names[j]][i] for i, j in enumerate(drawn)]
+    return torch.stack(rows), [names[j] for j in drawn]
 
 
 @torch.no_grad()

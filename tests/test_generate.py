@@ -142,6 +142,44 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
     assert len(manifest["prompts"][0]["images"]) == 5
 
 
+def test_a_lottery_makes_each_image_for_the_cluster_it_draws(matched_run, tmp_path, capsys):
+    checkpoint = str(matched_run / "checkpoints" / "epoch-0002")
+    seeds = ["--checkpoint", checkpoint, "--seed-list", "3,5,7,9"]
+    lottery = tmp_path / "lottery.json"
+    lottery.write_text(json.dumps({"clusters": ["noir", "sunny", "vivid"], "shares": [1, 1, 0]}))
+    manifest = generate([*seeds, "--lottery", str(lottery)], tmp_path / "l", capsys)
+    assert [t["label"] for t in manifest["tastes"]] == ["lottery"]
+    files = manifest["prompts"][0]["images"]
+    assert sorted(f["made_for"] for f in files) == ["noir", "noir", "sunny", "sunny"]
+    # each image is the one the policy makes for its drawn cluster on its seed
+    per_taste = generate(
+        [*seeds, "--taste", "cluster:noir", "--taste", "cluster:sunny"], tmp_path / "t", capsys
+    )
+    made = {(f["taste"], f["seed"]): f["file"] for f in per_taste["prompts"][0]["images"]}
+    for f in files:
+        png = Image.open(tmp_path / "l" / f["file"])
+        assert png.text["made_for"] == f["made_for"] and png.text["taste"] == "lottery"
+        own = Image.open(tmp_path / "t" / made[(f["made_for"], f["seed"])])
+        difference = np.abs(np.asarray(own, dtype=int) - np.asarray(png, dtype=int))
+        assert difference.max() <= 2 and (difference > 0).mean() < 0.01, f
+    # a lottery over other clusters is refused in one line
+    lottery.write_text(json.dumps({"clusters": ["a", "b"], "shares": [1, 1]}))
+    code, printed = run(
+        [
+            "generate",
+            "--prompt",
+            PROMPT,
+            "--out",
+            str(tmp_path / "x"),
+            *seeds,
+            "--lottery",
+            str(lottery),
+        ],
+        capsys,
+    )
+    assert code == 2 and "not a lottery over this reward run's clusters" in printed.err
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -157,6 +195,12 @@ def test_a_new_users_ratings_and_an_interpolation_become_tastes(
         (["--eta", "1.5"], "--eta 1.5: must be in [0, 1]"),
         (["--steps", "0"], "--steps 0: must be >= 1"),
         (["--dtype", "fp16"], "--dtype fp16 runs on a CUDA GPU (--device cpu); use --dtype bf16"),
+        (["--lottery", "/no/lottery.json"], "/no/lottery.json: lottery file not found"),
+        (["--lottery", "/x.json", "--taste", "mean"], "drop --taste, --ratings and --interpolate"),
+        (
+            ["--no-checkpoint", "--lottery", "/x.json"],
+            "--lottery draws from a taste-matched policy",
+        ),
     ],
 )
 def test_bad_tastes_and_paths_are_one_line_errors(
