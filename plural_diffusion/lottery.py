@@ -7,12 +7,15 @@ worst-off cluster furthest is a lottery over those looks: each image is made for
 probability p_j, by the matched policy asked for j. The shares p solve a linear programme on the
 learned heads (never on gold):
 
-    maximise  min_k  (sum_j p_j R[j, k] - b[k]) / (max_j R[j, k] - b[k])   over the simplex
+    maximise  min_k  (sum_j p_j R[j, k] - lo[k]) / (hi[k] - lo[k])   over the simplex
 
 R [K, K] the mean utility for cluster k (columns) of the images made for cluster j (rows), b [K]
-the base model's, each measured on calibration seeds that the evaluation does not use. Each
-cluster's utility is counted as the share of its attainable gain over the base model, so the
-heads' different scales do not decide which cluster is worst off (Kalai-Smorodinsky).
+the base model's, each measured on calibration seeds that the evaluation does not use; lo[k] and
+hi[k] the least and the most that cluster k gets from any of those image sets (the base's and
+each cluster's). Each cluster's utility is counted as its place in its own range, so the heads'
+different scales do not decide who is worst off. The range, not the gain over the base: on a base
+that already makes one cluster's ideal (seed 12's all-noir base), that cluster cannot gain, and a
+maxmin of gains would give it every image to spare it a loss, leaving the others nothing.
 
     fitted = fit_lottery(base_dir, matched_dir, rewards, prompts, seeds)   # shares and figures
     images = lottery_images(per_taste_images, fitted["shares"], names, n_prompts)
@@ -49,8 +52,7 @@ def egalitarian_shares(cross_reward: torch.Tensor, base_reward: torch.Tensor) ->
         )
     if not (torch.isfinite(r).all() and torch.isfinite(b).all()):
         raise UserError("the lottery's utilities are not finite (NaN or inf rewards)")
-    span = (r.max(dim=0).values - b).clamp(min=1e-6)  # [K]: the attainable gain per cluster
-    gain = ((r - b) / span).numpy()  # [K (made for), K (scored by)]
+    gain = _place_in_range(r, b, r).numpy()  # [K (made for), K (scored by)]
     # variables (p_1..p_K, t): maximise t s.t. t <= sum_j p_j gain[j, k] for every k
     cost = np.zeros(k + 1)
     cost[-1] = -1.0
@@ -68,6 +70,14 @@ def egalitarian_shares(cross_reward: torch.Tensor, base_reward: torch.Tensor) ->
         raise RuntimeError(f"the lottery's linear programme failed: {solved.message}")
     p = torch.tensor(solved.x[:k], dtype=torch.float32).clamp(min=0)
     return p / p.sum()
+
+
+def _place_in_range(values: torch.Tensor, base: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """values [..., K] as each cluster's place between the least and the most it gets from the
+    base's images (base [K]) and each cluster's (cross [K, K]): 0 the least, 1 the most."""
+    lo = torch.minimum(base, cross.min(dim=0).values)
+    hi = torch.maximum(base, cross.max(dim=0).values)
+    return (values - lo) / (hi - lo).clamp(min=1e-6)
 
 
 def lottery_counts(n: int, shares: torch.Tensor) -> list[int]:
@@ -146,7 +156,7 @@ def fit_lottery(
     """The lottery over a matched policy's clusters: generate on `seeds` (calibration seeds, not
     the evaluation's) for each cluster's centroid taste and with the base model, score with the
     learned heads, solve for the shares. Returns a JSON-ready dict: shares, the matrices it came
-    from, and the least share of attainable gain any cluster gets (`min_gain`)."""
+    from, and each cluster's place in its range under the lottery (`gain`; the least, `min_gain`)."""
     names = rewards.cluster_names
     overrides = sampling or SamplingOverrides()
     policy = TastePolicy.from_pretrained(str(base), str(checkpoint), device=device)
@@ -172,8 +182,7 @@ def fit_lottery(
     cross = torch.stack([utilities(made[k].flatten(0, 1)) for k in range(len(names))])
     base_reward = utilities(plain[0].flatten(0, 1))
     shares = egalitarian_shares(cross, base_reward)
-    span = (cross.max(dim=0).values - base_reward).clamp(min=1e-6)
-    gain = (shares @ cross - base_reward) / span
+    gain = _place_in_range(shares @ cross, base_reward, cross)
     return {
         "of": str(checkpoint),
         "clusters": list(names),

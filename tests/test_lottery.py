@@ -1,5 +1,5 @@
-"""The egalitarian lottery: shares that raise the worst-off cluster's share of its attainable gain,
-and a taste-blind policy's images drawn from a matched policy's by them."""
+"""The egalitarian lottery: shares that raise the worst-off cluster's place in its range, and a
+taste-blind policy's images drawn from a matched policy's by them."""
 
 import pytest
 import torch
@@ -29,12 +29,20 @@ def test_the_shares_do_not_depend_on_each_heads_scale_or_offset():
     rescaled = egalitarian_shares(cross * scale + shift, base * scale + shift)
     torch.testing.assert_close(rescaled, shares, atol=1e-5, rtol=0)
     assert shares.sum().item() == pytest.approx(1.0) and (shares >= 0).all()
-    # and no other point of the simplex lifts the worst-off cluster's gain further
-    span = cross.max(dim=0).values - base
-    best = ((shares @ cross - base) / span).min()
+    # and no other point of the simplex lifts the worst-off cluster's place in its range further
+    lo = torch.minimum(base, cross.min(dim=0).values)
+    hi = torch.maximum(base, cross.max(dim=0).values)
+    best = ((shares @ cross - lo) / (hi - lo)).min()
     for _ in range(200):
         p = torch.distributions.Dirichlet(torch.ones(3)).sample()
-        assert ((p @ cross - base) / span).min() <= best + 1e-5
+        assert ((p @ cross - lo) / (hi - lo)).min() <= best + 1e-5
+
+
+def test_a_cluster_the_base_already_serves_best_does_not_take_every_image():
+    # the base makes noir's ideal (noir 1.0 on its images, 0.9 on noir's own): noir cannot gain
+    cross = torch.tensor([[0.9, 0.0, 0.0], [0.1, 1.0, 0.2], [0.1, 0.2, 1.0]])
+    shares = egalitarian_shares(cross, torch.tensor([1.0, 0.0, 0.0]))
+    assert shares.max() < 0.6 and (shares > 0.2).all(), shares
 
 
 def test_one_cluster_or_nan_utilities_are_one_line_errors():
