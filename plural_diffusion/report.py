@@ -174,8 +174,8 @@ def _lottery_words(name: str, m: dict) -> str:
     shares = ", ".join(f"{_e(n)} {s:.0%}" for n, s in m["lottery"]["shares"].items())
     return (
         f" {_e(name)} is taste-blind: each of its images is {_e(m['lottery']['of'])}'s image for "
-        f"a cluster drawn with the shares ({shares}) that raise the worst-off cluster's share of "
-        "its attainable gain furthest, judged by the learned heads."
+        f"a cluster drawn with the shares ({shares}) that raise the worst-off cluster's place in "
+        "its own range furthest, judged by the learned heads."
     )
 
 
