@@ -44,21 +44,6 @@ def scored(rewards: TasteRewards, gold, images: torch.Tensor, k: int) -> dict:
     }
 
 
-def blend_with_mean_head(trainer: Trainer) -> None:
-    """matched: each taste's reward (1 - s_k) r_k + s_k mean_head, s_k its cluster's share."""
-    rewards, reward = trainer.rewards, trainer._reward
-    shares = rewards.cluster_shares.to(trainer.device)
-
-    def blended(images, z, taste):
-        r = reward(images, z, taste)
-        with torch.autocast(trainer.device.type, enabled=False):
-            mean = rewards.mean_head.score(rewards.features(images.float()), None)
-        s = shares[taste.to(trainer.device) % len(shares)].to(r)
-        return (1 - s) * r + s * mean
-
-    trainer._reward = blended
-
-
 def one_base(seed: int, blend: bool = False) -> dict:
     assets, run, world, _, gold = demo_stages(seed)
     rewards = TasteRewards(str(run))
@@ -66,12 +51,11 @@ def one_base(seed: int, blend: bool = False) -> dict:
     out = {"majority": rewards.cluster_names[k]}
     for objective in ("mean", "matched", "matched, blended") if blend else ("mean", "matched"):
         out_dir = f"runs/bench/majority_gap/{seed}/{objective.replace(', ', '-')}"
+        extra = ["mean_blend=1"] if objective == "matched, blended" else []
         tcfg = toy_train_config(
-            assets, run, out_dir, f"objective={objective.split(',')[0]}", f"seed={seed}"
+            assets, run, out_dir, f"objective={objective.split(',')[0]}", f"seed={seed}", *extra
         )
         trainer = Trainer(tcfg, gold_fn=gold)
-        if objective == "matched, blended":
-            blend_with_mean_head(trainer)
         trainer.fit(progress=False)
         taste, images = held_out_images(trainer)
         if objective == "mean":
