@@ -247,7 +247,7 @@ def cmd_evaluate(args) -> int:
     for name, source in _named_values(
         args.lottery, "--lottery", "NAME=POLICY", "maxmin=matched"
     ).items():
-        if name in policies or name == "base":
+        if name in policies:  # _named_values has refused "base"
             raise UserError(f"--lottery {name}={source}: {name!r} is already a policy's name")
         if source not in policies:
             raise UserError(

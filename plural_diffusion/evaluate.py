@@ -26,7 +26,6 @@ import torch
 from tqdm.auto import tqdm
 
 from plural_diffusion.generate import Taste, generate_images
-from plural_diffusion.lottery import lottery_images
 from plural_diffusion.policy import (
     CheckpointInfo,
     SamplerSettings,
@@ -421,6 +420,8 @@ def evaluate_policies(
             **_metrics_of(scored[name], names),
         }
     for name, (source, shares) in (lotteries or {}).items():
+        from plural_diffusion.lottery import lottery_images  # lottery imports this module
+
         if source not in scored or not scored[source].matched:
             raise UserError(
                 f"lottery {name!r} draws from {source!r}, which is not an evaluated "

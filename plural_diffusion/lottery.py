@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plural_diffusion.generate import Taste, generate_images
+from plural_diffusion.evaluate import policy_tastes, score_images
+from plural_diffusion.generate import generate_images
 from plural_diffusion.policy import SamplingOverrides, TastePolicy
 from plural_diffusion.rewards import TasteRewards
 from reward_models.errors import UserError
@@ -166,18 +167,17 @@ def fit_lottery(
             "(objective=matched)"
         )
     settings = policy.settings(overrides)
-    tastes = rewards.cluster_tastes_in(policy.taste_space).detach().cpu()
-    asked = [Taste(n, f"cluster:{n}", tastes[k]) for k, n in enumerate(names)]
-    made = generate_images(policy, list(prompts), asked, list(seeds), settings, batch_size)
+    made = generate_images(
+        policy, list(prompts), policy_tastes(policy, rewards), list(seeds), settings, batch_size
+    )
     del policy
     blind = TastePolicy.from_pretrained(str(base), None, device=device)
     plain = generate_images(
-        blind, list(prompts), [Taste("none", "none", None)], list(seeds), settings, batch_size
+        blind, list(prompts), policy_tastes(blind, rewards), list(seeds), settings, batch_size
     )
 
     def utilities(images: torch.Tensor) -> torch.Tensor:  # [N, 3, H, W] -> mean [K]
-        feats = torch.cat([rewards.features(x.to(rewards.device)) for x in images.split(64)])
-        return rewards.cluster_scores(feats).mean(dim=0).cpu()
+        return score_images({"x": images}, rewards).learned["x"].mean(dim=0)
 
     cross = torch.stack([utilities(made[k].flatten(0, 1)) for k in range(len(names))])
     base_reward = utilities(plain[0].flatten(0, 1))
