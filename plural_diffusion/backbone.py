@@ -254,6 +254,23 @@ def _unet_lora_state(path: Path) -> dict[str, torch.Tensor]:
     return convert_unet_state_dict_to_peft(unet_state)
 
 
+def lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """A copy of the UNet's LoRA weights, with peft's key names."""
+    state = get_peft_model_state_dict(unwrap(unet), adapter_name=ADAPTER)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def read_lora_state(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A checkpoint's LoRA weights (its `policy/` directory), with peft's key names."""
+    return _unet_lora_state(Path(directory) / LORA_WEIGHTS_NAME)
+
+
+def set_lora_state(unet: UNet2DConditionModel, state: dict[str, torch.Tensor]) -> None:
+    """Write LoRA weights with peft's key names (`lora_state`) into the UNet's adapter."""
+    result = set_peft_model_state_dict(unwrap(unet), state, adapter_name=ADAPTER)
+    assert not getattr(result, "unexpected_keys", None), result
+
+
 def load_checkpoint(
     directory: str | os.PathLike, unet: UNet2DConditionModel
 ) -> tuple[UNet2DConditionModel, TasteConditioner | None]:

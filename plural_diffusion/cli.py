@@ -4,6 +4,7 @@ taste and evaluation against the mean baseline."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -77,6 +78,10 @@ def cmd_train(args) -> int:
     cfg = load_config(TrainConfig, args.config or _default_config("toy.yaml"), args.overrides)
     out = train(cfg, resume=args.resume)
     print(f"trained {cfg.objective} policy ({cfg.method}); checkpoints in {out / 'checkpoints'}")
+    if (out / "selection.json").is_file():
+        picked = json.loads((out / "selection.json").read_text())
+        experts = ", ".join(f"{name} {v['checkpoint']}" for name, v in picked.items())
+        print(f"each taste's expert from: {experts}; the policy: {out / 'checkpoints/selected'}")
     return 0
 
 
@@ -404,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint",
         type=Path,
         default=None,
-        help="trained policy (RUN/checkpoints/epoch-NNNN or its policy/); default: the base model",
+        help="trained policy (RUN/checkpoints/epoch-NNNN, RUN/checkpoints/selected, or its policy/); default: the base model",
     )
     gen.add_argument(
         "--taste",
@@ -540,7 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a policy for one taste as a plain diffusers pipeline folder (where that is exact)",
     )
     export.add_argument(
-        "--checkpoint", type=Path, required=True, help="trained policy (RUN/checkpoints/epoch-NNNN)"
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="trained policy (RUN/checkpoints/epoch-NNNN or RUN/checkpoints/selected)",
     )
     export.add_argument(
         "--taste",

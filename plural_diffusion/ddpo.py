@@ -32,10 +32,14 @@ from plural_diffusion.backbone import (
     disable_adapters,
     load_checkpoint,
     load_pipeline,
+    lora_state,
+    read_lora_state,
+    set_lora_state,
     trainable_parameters,
 )
 from plural_diffusion.conditioning import TasteConditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
+from plural_diffusion.expert_selection import pick_best, with_expert_block
 from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import NeedAssignment, TasteRewards
 from plural_diffusion.sampling import guided_noise
@@ -54,6 +58,7 @@ from reward_models.errors import UserError
 from reward_models.io import atomic_dir, write_json
 
 POLICY_DIR = "policy"
+SELECTED_DIR = "selected"  # checkpoints/selected: the per-taste expert selection
 # fp16: the loss scaler skips a step whose gradients overflow and halves the scale; this many
 # skips in a row means the gradients are non-finite at any scale
 MAX_SKIPPED_STEPS = 20
@@ -828,11 +833,97 @@ class Trainer:
             bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             bar.update(1)
         bar.close()
+        if cfg.select_experts and cfg.objective == "matched":
+            self.select_experts(ckpt_root, progress)
         for tracker in self.accelerator.trackers:  # flushed; the process group stays (`close`)
             tracker.finish()
         if self.accelerator.is_main_process:
             write_json(self.out_dir / "history.json", {"history": self.history})
         return self.history
+
+    # ------------------------------------------------------------------ expert selection
+    @torch.no_grad()
+    def held_out_reward(self, taste: int, base: bool = False) -> float:
+        """Mean reward of `select_images` images asked for taste `taste`, scored by its own
+        head, on fixed prompts and noise that training never draws (the same on every call
+        and every process, so checkpoints are compared on the same draws). base=True: the
+        base model's images (the LoRA off, no taste) on the same draws."""
+        n = self.cfg.select_images
+        generator = torch.Generator().manual_seed(self.cfg.seed + 104729)
+        prompt = torch.arange(n) % len(self.cfg.prompts)
+        noise = torch.randn((n, *self._latent_shape()), generator=generator).to(self.device)
+        embeds, negative = self._embeds(prompt)
+        index = torch.full((n,), taste)
+        z = self.tastes[index.to(self.tastes.device)]
+        policy = TastePolicy(self.pipe, None, sampling=self.cfg.sampling) if base else self.policy
+        adapters = disable_adapters(self.unet) if base else contextlib.nullcontext()
+        with self.precision(), adapters:
+            traj = policy.sample(
+                prompt_embeds=embeds,
+                negative_embeds=negative,
+                tastes=None if base else z,
+                noise=noise,
+                generator=generator,
+            )
+        return self._reward(traj.images, z, index).mean().item()
+
+    def select_experts(self, ckpt_root: Path, progress: bool = True) -> dict:
+        """Give each taste its expert block from the checkpoint under `ckpt_root` where its
+        held-out reward is highest (`plural_diffusion.expert_selection`); the shared block and
+        the taste module stay the last epoch's. Writes `ckpt_root/selected` (a checkpoint's
+        policy/ and selection.json) and out_dir/selection.json; returns the selection."""
+        self.unet.eval()
+        last = f"epoch-{self.epoch:04d}"
+        candidates = {
+            p.name: read_lora_state(p / POLICY_DIR)
+            for p in sorted(ckpt_root.glob("epoch-*"))
+            if (p / STATE_JSON).is_file() and p.name != last
+        }
+        rank = self.cfg.lora.rank
+        current = lora_state(self.unet)
+        selection = {}
+        bar = tqdm(
+            total=len(self.taste_names) * (len(candidates) + 1),
+            desc="select experts",
+            disable=not progress or not self.accelerator.is_main_process,
+        )
+        for k, name in enumerate(self.taste_names):
+            base = self.held_out_reward(k, base=True)
+            set_lora_state(self.unet, current)
+            scores = {last: self.held_out_reward(k)}
+            bar.update(1)
+            for ckpt, state in candidates.items():
+                set_lora_state(self.unet, with_expert_block(current, state, k, rank))
+                scores[ckpt] = self.held_out_reward(k)
+                bar.update(1)
+            best = pick_best(scores, keep=last, base=base, min_gain=self.cfg.select_min_gain)
+            if best != last:
+                current = with_expert_block(current, candidates[best], k, rank)
+            selection[name] = {"checkpoint": best, "held_out_reward": scores, "base": base}
+        bar.close()
+        set_lora_state(self.unet, current)
+        if self.accelerator.is_main_process:
+            with atomic_dir(ckpt_root / SELECTED_DIR) as tmp:
+                self.policy.save_pretrained(
+                    tmp / POLICY_DIR,
+                    metadata={
+                        "epoch": self.epoch,
+                        "objective": self.cfg.objective,
+                        "experts_from": {n: v["checkpoint"] for n, v in selection.items()},
+                    },
+                )
+                write_json(tmp / "selection.json", selection)
+            write_json(self.out_dir / "selection.json", selection)
+        return selection
+
+
+def final_checkpoint(root: Path) -> Path | None:
+    """The run's policy to use: `root/selected` when `select_experts` wrote one, else the
+    newest complete checkpoint."""
+    selected = root / SELECTED_DIR
+    if (selected / POLICY_DIR).is_dir():
+        return selected
+    return latest_checkpoint(root)
 
 
 def _flat_scalars(log: dict, prefix: str = "") -> dict[str, float]:

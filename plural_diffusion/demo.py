@@ -27,7 +27,7 @@ import torch
 
 from plural_diffusion.cache import cache_root, cached_stage, code_fingerprint
 from plural_diffusion.configs import config_path
-from plural_diffusion.ddpo import latest_checkpoint
+from plural_diffusion.ddpo import final_checkpoint
 from plural_diffusion.ddpo import train as train_policy
 from plural_diffusion.evaluate import EvalConfig, evaluate_policies, gold_in_head_order
 from plural_diffusion.lottery import fit_lottery
@@ -96,6 +96,7 @@ POLICY_CODE = (
     "plural_diffusion.conditioning",
     "plural_diffusion.ddim",
     "plural_diffusion.ddpo",
+    "plural_diffusion.expert_selection",
     "plural_diffusion.rewards",
     "plural_diffusion.sampling",
     "plural_diffusion.train_config",
@@ -124,7 +125,7 @@ def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gol
 
         work = root / "work" / f"toy-policy-{objective}-{config_hash(key)}"
         train_policy(dataclasses.replace(tcfg, out_dir=str(work)), resume=True, gold_fn=gold_fn)
-        last = latest_checkpoint(work / "checkpoints")
+        last = final_checkpoint(work / "checkpoints")  # per-taste selection, if any
         assert last is not None, work
         shutil.copytree(last / "policy", tmp / "policy")
         for ckpt in sorted((work / "checkpoints").glob("epoch-*")):
@@ -132,6 +133,8 @@ def stage_policy(cfg: DemoConfig, objective: str, base: Path, rewards: Path, gol
                 shutil.copytree(ckpt / "policy", tmp / "checkpoints" / ckpt.name / "policy")
         for name in ("history.json", "log.jsonl", "config.json"):
             shutil.copy2(work / name, tmp / name)
+        if (work / "selection.json").is_file():
+            shutil.copy2(work / "selection.json", tmp / "selection.json")
         shutil.rmtree(work, ignore_errors=True)
 
     return cached_stage(f"toy-policy-{objective}", key, build, root=root)

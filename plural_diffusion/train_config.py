@@ -137,6 +137,16 @@ class TrainConfig:
     # its own taste, a small minority's reward is nearly its own (0: off; taste-blind objectives
     # ignore it, as they ignore `conditioning`)
     mean_blend: float = 0.0
+    # matched with LoRA experts (tastes by cluster): after training, each cluster keeps its expert
+    # block from the saved checkpoint (every `save_every` epochs, or the last) where that
+    # taste's own head scores its held-out images highest, beside the last epoch's shared block
+    # and taste module; written to checkpoints/selected (`plural_diffusion.expert_selection`).
+    # Taste-blind objectives have no experts and ignore it
+    select_experts: bool = False
+    select_images: int = 16  # held-out images per taste and candidate (fixed prompts and noise)
+    # a checkpoint's expert replaces the last epoch's only if its held-out reward is higher by
+    # this share of the last epoch's gain over the base model (the heads are unsure at the top)
+    select_min_gain: float = 0.05
     seed: int = 0
     out_dir: str = "runs/policy"
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
@@ -200,6 +210,20 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             "taste.weighting=share has no effect with taste.grouped=true (each group holds one "
             "image per taste); set taste.grouped=false to draw tastes by their shares"
         )
+    if (
+        cfg.select_experts
+        and cfg.objective == "matched"
+        and not (cfg.lora.experts and taste.source in ("clusters", "latents"))
+    ):
+        raise UserError(
+            "select_experts=true picks each taste cluster's LoRA expert, so it needs "
+            "lora.experts=true and taste.source=clusters or latents; set select_experts=false "
+            "to train without it"
+        )
+    if cfg.select_images < 1:
+        raise UserError(f"select_images={cfg.select_images}: must be >= 1")
+    if cfg.select_min_gain < 0:
+        raise UserError(f"select_min_gain={cfg.select_min_gain}: must be >= 0")
     if not 0.0 <= cfg.mean_blend <= 1.0:
         raise UserError(f"mean_blend={cfg.mean_blend}: a weight in [0, 1] (0: off)")
     if not 0.0 <= cfg.lr_final <= 1.0:
