@@ -55,7 +55,7 @@ from plural_diffusion.trainer_state import (
 )
 from reward_models.config import to_dict
 from reward_models.errors import UserError
-from reward_models.io import atomic_dir, write_json
+from reward_models.io import atomic_dir, read_json, write_json
 
 POLICY_DIR = "policy"
 SELECTED_DIR = "selected"  # checkpoints/selected: the per-taste expert selection
@@ -918,12 +918,16 @@ class Trainer:
 
 
 def final_checkpoint(root: Path) -> Path | None:
-    """The run's policy to use: `root/selected` when `select_experts` wrote one, else the
-    newest complete checkpoint."""
-    selected = root / SELECTED_DIR
-    if (selected / POLICY_DIR).is_dir():
-        return selected
-    return latest_checkpoint(root)
+    """The run's policy to use: `root/selected` when `select_experts` wrote one after the
+    newest complete checkpoint's epoch, else that checkpoint (a selection left by a shorter
+    run that training then extended without selecting is stale)."""
+    latest = latest_checkpoint(root)
+    info = root / SELECTED_DIR / POLICY_DIR / "checkpoint.json"
+    if latest is None or not info.is_file():
+        return latest
+    selected_epoch = read_json(info).get("metadata", {}).get("epoch")
+    latest_epoch = read_json(latest / STATE_JSON).get("epoch")
+    return root / SELECTED_DIR if selected_epoch == latest_epoch else latest
 
 
 def _flat_scalars(log: dict, prefix: str = "") -> dict[str, float]:

@@ -2,6 +2,7 @@
 its own head scores its held-out images highest, beside the last epoch's shared block."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -89,6 +90,12 @@ def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_blo
         torch.testing.assert_close(block, want)
     # the held-out reward is the taste's own head on fixed draws: the same on a second call
     assert trainer.held_out_reward(0) == trainer.held_out_reward(0)
+    # a selection older than the newest checkpoint (training extended without selecting) is stale
+    later = root / "epoch-0004"
+    shutil.copytree(root / "epoch-0003", later)
+    state = json.loads((later / "trainer_state.json").read_text())
+    (later / "trainer_state.json").write_text(json.dumps({**state, "epoch": 4}))
+    assert final_checkpoint(root) == later
 
 
 def test_select_experts_without_experts_is_a_one_line_error(toy_assets, reward_run, tmp_path):
