@@ -62,7 +62,10 @@ def test_two_processes_stay_in_sync_and_resume_exactly(toy_assets, reward_run, t
     report = json.loads((out / "mp_report.json").read_text())
     assert report["num_processes"] == 2
     assert report["digests"][0] == report["digests"][1]  # same LoRA on both ranks
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["epoch-0001", "epoch-0002"]
+    epochs = sorted(p.name for p in (out / "checkpoints").glob("epoch-*"))
+    assert epochs == ["epoch-0001", "epoch-0002"]
+    # toy.yaml selects each taste's expert after training: on every rank alike (same digests)
+    assert (out / "checkpoints" / "selected" / "policy").is_dir()
     assert len((out / "log.jsonl").read_text().splitlines()) == 2  # logged once, not per rank
     if method == "ddpo":
         # both ranks track the same keys, each fed by the gathered rewards of both ranks
