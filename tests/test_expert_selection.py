@@ -107,3 +107,31 @@ def test_select_experts_without_experts_is_a_one_line_error(toy_assets, reward_r
         toy_assets, reward_run, tmp_path / "mean", "select_experts=true", "objective=mean"
     )
     Trainer(blind)
+
+
+def test_the_train_command_says_where_each_tastes_expert_came_from(
+    toy_assets, reward_run, tmp_path, capsys
+):
+    from plural_diffusion.cli import main as pd_main
+
+    run = tmp_path / "run"
+    argv = [
+        "train",
+        f"base={toy_assets.base}",
+        f"rewards={reward_run}",
+        f"out_dir={run}",
+        "sampling.steps=4",
+        "draft.batch_size=6",
+        "draft.steps_per_epoch=1",
+        "save_every=1",
+        "epochs=2",
+        "select_images=2",
+        "tensorboard=false",
+    ]
+    with pytest.raises(SystemExit) as done:
+        pd_main(argv)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "each taste's expert from:" in out and "vivid epoch-000" in out, out
+    assert f"the policy: {run / 'checkpoints' / 'selected'}" in out
+    assert (run / "checkpoints" / "selected" / "policy" / "checkpoint.json").is_file()
