@@ -419,6 +419,8 @@ def evaluate_policies(
             "sampling": settings.describe(),
             **_metrics_of(scored[name], names),
         }
+        if checkpoint is not None and (experts := CheckpointInfo.read(checkpoint).experts_from):
+            metrics["policies"][name]["experts_from"] = experts
     for name, (source, shares) in (lotteries or {}).items():
         from plural_diffusion.lottery import lottery_images  # lottery imports this module
 

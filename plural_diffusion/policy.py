@@ -78,6 +78,8 @@ class CheckpointInfo:
     taste_names: list[str]  # the tastes it was trained on (cluster names, rater ids, or "none")
     conditioned: bool  # has a taste conditioner
     trained: TrainedSampler | None  # None when the config names no sampler
+    # with `select_experts`: each taste's LoRA expert block came from this checkpoint
+    experts_from: dict[str, str] = field(default_factory=dict)
 
     @classmethod
     def read(cls, path: str | Path) -> CheckpointInfo:
@@ -97,6 +99,7 @@ class CheckpointInfo:
             taste_names=list(meta.get("tastes", [])),
             conditioned=(path / TASTE_DIR).is_dir(),
             trained=trained,
+            experts_from=dict(meta.get("experts_from") or {}),
         )
 
 

@@ -179,6 +179,17 @@ def _lottery_words(name: str, m: dict) -> str:
     )
 
 
+def _experts_words(name: str, m: dict) -> str:
+    """A caption's sentence on where a policy's taste experts came from, or nothing."""
+    if not m.get("experts_from"):
+        return ""
+    sources = ", ".join(f"{_e(t)} {_e(c)}" for t, c in m["experts_from"].items())
+    return (
+        f" Each taste's expert in {_e(name)} comes from the checkpoint where that taste's own head "
+        f"scored its held-out images best ({sources}); the shared weights are the last epoch's."
+    )
+
+
 def _summary(metrics: dict) -> str:
     names, shares = metrics["clusters"]["names"], metrics["clusters"]["shares"]
     key, worst, words = _utility_key(metrics)
@@ -215,6 +226,7 @@ def _summary(metrics: dict) -> str:
             "so these are the learned heads' scores, the proxy the policies were trained on."
         )
         + "".join(_lottery_words(p, metrics["policies"][p]) for p in policies)
+        + "".join(_experts_words(p, metrics["policies"][p]) for p in policies)
     )
     return f"<h2 id='summary'>Summary</h2>{_table(header, rows, classes)}<p class='caption'>{caption}</p>"
 

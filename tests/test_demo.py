@@ -23,6 +23,11 @@ def test_fast_demo_end_to_end_then_cached(fast_demo_config, toy_assets, tmp_path
     # every policy samples as the policies were trained (train_overrides: sampling.steps=10)
     assert {m["sampling"]["steps"] for m in saved["policies"].values()} == {10}
     assert set(saved["policies"]["matched"]["win_rate"]["gold"]) == {"noir", "sunny", "vivid"}
+    # toy.yaml selects each taste's expert: the report says from which checkpoint
+    experts = saved["policies"]["matched"]["experts_from"]
+    assert set(experts) == {"noir", "sunny", "vivid"}
+    assert all(c.startswith("epoch-") for c in experts.values())
+    assert "experts_from" not in saved["policies"]["mean"]
     # maxmin is the egalitarian lottery over matched's clusters: taste-blind, no training of its own
     maxmin = saved["policies"]["maxmin"]
     assert maxmin["tastes"] == ["none"] and maxmin["lottery"]["of"] == "matched"

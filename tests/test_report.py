@@ -67,7 +67,10 @@ def synthetic_evaluation():
         "policies": {
             "base": policy([0.64, 0.11, 0.04], [3.0, 2.0, 1.0], False),
             "mean": policy([0.95, 0.002, 0.016], [4.0, 0.5, 0.7], False),
-            "matched": policy([0.935, 0.95, 0.508], [4.1, 4.4, 3.0], True),
+            "matched": {
+                **policy([0.935, 0.95, 0.508], [4.1, 4.4, 3.0], True),
+                "experts_from": per_cluster(["epoch-0020", "epoch-0020", "epoch-0008"]),
+            },
             "maxmin": {
                 **policy([0.41, 0.38, 0.21], [3.1, 3.0, 2.2], False),
                 "lottery": {
@@ -125,6 +128,8 @@ def test_report_is_one_self_contained_file(report_file):
     assert "Matched vs mean, per cluster" in page
     assert "maxmin is taste-blind: each of its images is matched's image for a cluster" in page
     assert "(noir 40%, sunny 30%, vivid 30%)" in page
+    assert "Each taste's expert in matched comes from the checkpoint" in page
+    assert "(noir epoch-0020, sunny epoch-0020, vivid epoch-0008)" in page
     sources = re.findall(r"""(?:src|href)=["']([^"']*)["']""", page)
     assert len(sources) >= 8 and all(s.startswith("data:") for s in sources)  # nothing to fetch
     assert not re.search(r"https?://|url\(", re.sub(r"data:[^\"']*", "", page))
