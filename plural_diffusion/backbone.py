@@ -316,8 +316,7 @@ def load_checkpoint(
                 f"{path}: '{key}' has shape {tuple(state[key].shape)}, the UNet's LoRA needs "
                 f"{tuple(value.shape)}; another rank or another base model"
             )
-    result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER)
-    assert not getattr(result, "unexpected_keys", None), result
+    set_lora_state(unet, state)
     taste_dir = directory / TASTE_DIR
     conditioner = load_taste_conditioner(taste_dir) if taste_dir.is_dir() else None
     return unet, conditioner

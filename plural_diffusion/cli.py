@@ -4,7 +4,6 @@ taste and evaluation against the mean baseline."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -72,16 +71,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from plural_diffusion.ddpo import train
+    from plural_diffusion.ddpo import SELECTED_DIR, final_checkpoint, train
+    from plural_diffusion.policy import CheckpointInfo
     from plural_diffusion.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, args.config or _default_config("toy.yaml"), args.overrides)
     out = train(cfg, resume=args.resume)
     print(f"trained {cfg.objective} policy ({cfg.method}); checkpoints in {out / 'checkpoints'}")
-    if (out / "selection.json").is_file():
-        picked = json.loads((out / "selection.json").read_text())
-        experts = ", ".join(f"{name} {v['checkpoint']}" for name, v in picked.items())
-        print(f"each taste's expert from: {experts}; the policy: {out / 'checkpoints/selected'}")
+    policy = final_checkpoint(out / "checkpoints")
+    if policy is not None and policy.name == SELECTED_DIR:
+        picked = CheckpointInfo.read(policy).experts_from
+        experts = ", ".join(f"{name} {ckpt}" for name, ckpt in picked.items())
+        print(f"each taste's expert from: {experts}; the policy: {policy}")
     return 0
 
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from plural_diffusion.advantages import PerKeyStatTracker
 from plural_diffusion.backbone import (
+    CHECKPOINT_JSON,
     add_lora,
     architecture_mismatch,
     disable_adapters,
@@ -843,29 +844,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ expert selection
     @torch.no_grad()
-    def held_out_reward(self, taste: int, base: bool = False) -> float:
-        """Mean reward of `select_images` images asked for taste `taste`, scored by its own
-        head, on fixed prompts and noise that training never draws (the same on every call
-        and every process, so checkpoints are compared on the same draws). base=True: the
-        base model's images (the LoRA off, no taste) on the same draws."""
+    def held_out_images(self, taste: int | None) -> torch.Tensor:
+        """`select_images` images asked for taste `taste` on fixed prompts and noise that
+        training never draws (the same on every call and every process, so checkpoints are
+        compared on the same draws); taste None: the base model's (the LoRA off, no taste)."""
         n = self.cfg.select_images
         generator = torch.Generator().manual_seed(self.cfg.seed + 104729)
         prompt = torch.arange(n) % len(self.cfg.prompts)
         noise = torch.randn((n, *self._latent_shape()), generator=generator).to(self.device)
         embeds, negative = self._embeds(prompt)
-        index = torch.full((n,), taste)
-        z = self.tastes[index.to(self.tastes.device)]
+        base = taste is None
         policy = TastePolicy(self.pipe, None, sampling=self.cfg.sampling) if base else self.policy
         adapters = disable_adapters(self.unet) if base else contextlib.nullcontext()
+        z = None if base else self.tastes[torch.full((n,), taste, device=self.tastes.device)]
         with self.precision(), adapters:
             traj = policy.sample(
                 prompt_embeds=embeds,
                 negative_embeds=negative,
-                tastes=None if base else z,
+                tastes=z,
                 noise=noise,
                 generator=generator,
             )
-        return self._reward(traj.images, z, index).mean().item()
+        return traj.images
+
+    @torch.no_grad()
+    def held_out_reward(self, taste: int, images: torch.Tensor | None = None) -> float:
+        """Mean reward for taste `taste`, by its own head, of `images` (default: the policy's
+        `held_out_images` for that taste)."""
+        images = self.held_out_images(taste) if images is None else images
+        index = torch.full((len(images),), taste)
+        z = self.tastes[index.to(self.tastes.device)]
+        return self._reward(images, z, index).mean().item()
 
     def select_experts(self, ckpt_root: Path, progress: bool = True) -> dict:
         """Give each taste its expert block from the checkpoint under `ckpt_root` where its
@@ -881,6 +890,7 @@ class Trainer:
         }
         rank = self.cfg.lora.rank
         current = lora_state(self.unet)
+        base_images = self.held_out_images(None)  # the same for every taste
         selection = {}
         bar = tqdm(
             total=len(self.taste_names) * (len(candidates) + 1),
@@ -888,7 +898,7 @@ class Trainer:
             disable=not progress or not self.accelerator.is_main_process,
         )
         for k, name in enumerate(self.taste_names):
-            base = self.held_out_reward(k, base=True)
+            base = self.held_out_reward(k, base_images)
             set_lora_state(self.unet, current)
             scores = {last: self.held_out_reward(k)}
             bar.update(1)
@@ -922,7 +932,7 @@ def final_checkpoint(root: Path) -> Path | None:
     newest complete checkpoint's epoch, else that checkpoint (a selection left by a shorter
     run that training then extended without selecting is stale)."""
     latest = latest_checkpoint(root)
-    info = root / SELECTED_DIR / POLICY_DIR / "checkpoint.json"
+    info = root / SELECTED_DIR / POLICY_DIR / CHECKPOINT_JSON
     if latest is None or not info.is_file():
         return latest
     selected_epoch = read_json(info).get("metadata", {}).get("epoch")
