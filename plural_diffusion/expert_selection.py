@@ -3,8 +3,9 @@
 Reward backpropagation through the last denoising step follows a truncated gradient: it can
 walk one taste's expert past its best and keep it there. Measured on the toy base of seed 14
 (the demo's matched policy, 16 held-out images per checkpoint): vivid's own head scored its
-held-out images 8.34 at epoch 8 and 7.88 at the last epoch, its gold falling from 0.50 to
-0.34, while the other tastes' images kept improving. The experts make a per-taste early stop
+held-out images 8.37 at epoch 8 and 7.88 at the last epoch, while the other tastes' images kept
+improving; vivid's held-out gold is 0.53 with epoch 8's expert and 0.34 without
+(`benchmarks/draft_options_toy.py --base-seed 14 "seed=14" "seed=14 save_every=4"`). The experts make a per-taste early stop
 possible: each taste keeps the expert block of the checkpoint where *its own head* scored its
 held-out images highest, beside the last epoch's shared block and taste module. Gold is
 never seen; the images are drawn from fixed prompts and noise that training does not use, the
