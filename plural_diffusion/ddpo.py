@@ -40,7 +40,12 @@ from plural_diffusion.backbone import (
 )
 from plural_diffusion.conditioning import TasteConditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
-from plural_diffusion.expert_selection import pick_best, with_expert_block
+from plural_diffusion.expert_selection import (
+    copy_expert_block,
+    lagging_experts,
+    pick_best,
+    with_expert_block,
+)
 from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import NeedAssignment, TasteRewards
 from plural_diffusion.sampling import guided_noise
@@ -54,6 +59,7 @@ from plural_diffusion.trainer_state import (
     read_state,
     write_state,
 )
+from plural_diffusion.unwrap import unwrap
 from reward_models.config import to_dict
 from reward_models.errors import UserError
 from reward_models.io import atomic_dir, read_json, write_json
@@ -821,6 +827,8 @@ class Trainer:
         while self.epoch < cfg.n_epochs:
             t0 = time.perf_counter()
             log = self.train_epoch()
+            if self._restart_due(self.epoch + 1):
+                log["restart"] = self.restart_experts()
             log["seconds"] = round(time.perf_counter() - t0, 2)
             self.history.append(log)
             if cfg.tensorboard:
@@ -875,6 +883,49 @@ class Trainer:
         index = torch.full((len(images),), taste)
         z = self.tastes[index.to(self.tastes.device)]
         return self._reward(images, z, index).mean().item()
+
+    def _restart_due(self, epoch: int) -> bool:
+        """Whether the `restart_experts` check runs after `epoch` (counted from 1)."""
+        cfg = self.cfg
+        return (
+            cfg.restart_experts
+            and cfg.objective == "matched"
+            and epoch % cfg.restart_every == 0
+            and epoch <= cfg.restart_until * cfg.n_epochs
+        )
+
+    def restart_experts(self) -> dict:
+        """Every taste's head on every taste's held-out images (and the base model's); a taste
+        whose own images lag another's on its own head takes that taste's expert block, Adam
+        moments included (`plural_diffusion.expert_selection.lagging_experts`). The same
+        draws on every process, so every rank decides alike. Returns the scores and restarts."""
+        self.unet.eval()
+        names, n = self.taste_names, len(self.taste_names)
+        base_images = self.held_out_images(None)
+        base = [self.held_out_reward(k, base_images) for k in range(n)]
+        scores = []
+        for j in range(n):
+            images = self.held_out_images(j)
+            scores.append([self.held_out_reward(k, images) for k in range(n)])
+        restarts = lagging_experts(scores, base, self.cfg.restart_ratio)
+        if restarts:
+            state = self.optimizer.optimizer.state  # accelerate's wrapper holds torch's
+            tensors = []
+            for name, param in unwrap(self.unet).named_parameters():
+                kind = "A" if ".lora_A." in name else "B" if ".lora_B." in name else None
+                if kind is None:
+                    continue
+                tensors.append((kind, param.data))
+                moments = state.get(param, {}).values()
+                tensors += [
+                    (kind, m) for m in moments if torch.is_tensor(m) and m.shape == param.shape
+                ]
+            copy_expert_block(tensors, restarts, self.cfg.lora.rank)
+        return {
+            "held_out_reward": {names[j]: dict(zip(names, row)) for j, row in enumerate(scores)},
+            "base": dict(zip(names, base)),
+            "restarted": {names[k]: names[j] for k, j in restarts.items()},
+        }
 
     def select_experts(self, ckpt_root: Path, progress: bool = True) -> dict:
         """Give each taste its expert block from the checkpoint under `ckpt_root` where its

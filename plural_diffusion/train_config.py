@@ -147,6 +147,16 @@ class TrainConfig:
     # a checkpoint's expert replaces the last epoch's only if its held-out reward is higher by
     # this share of the last epoch's gain over the base model (the heads are unsure at the top)
     select_min_gain: float = 0.05
+    # matched with LoRA experts (tastes by cluster): every `restart_every` epochs up to
+    # `restart_until` of the run, each taste's own head scores every taste's held-out images;
+    # a taste whose own images gained less than `restart_ratio` of what another taste's images
+    # gain over the base model's on its head takes that taste's expert block, optimizer moments
+    # included, and trains on from there (an expert stuck in the wrong mode jumps to the better
+    # one its own head sees). Taste-blind objectives have no experts and ignore it
+    restart_experts: bool = False
+    restart_every: int = 2
+    restart_until: float = 0.5
+    restart_ratio: float = 0.5
     seed: int = 0
     out_dir: str = "runs/policy"
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
@@ -220,6 +230,22 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             "lora.experts=true and taste.source=clusters or latents; set select_experts=false "
             "to train without it"
         )
+    if (
+        cfg.restart_experts
+        and cfg.objective == "matched"
+        and not (cfg.lora.experts and taste.source in ("clusters", "latents"))
+    ):
+        raise UserError(
+            "restart_experts=true restarts a taste cluster's LoRA expert from another's, so it "
+            "needs lora.experts=true and taste.source=clusters or latents; set "
+            "restart_experts=false to train without it"
+        )
+    if cfg.restart_every < 1:
+        raise UserError(f"restart_every={cfg.restart_every}: epochs between checks, >= 1")
+    if not 0.0 <= cfg.restart_until <= 1.0:
+        raise UserError(f"restart_until={cfg.restart_until}: a fraction of the epochs, in [0, 1]")
+    if not 0.0 < cfg.restart_ratio <= 1.0:
+        raise UserError(f"restart_ratio={cfg.restart_ratio}: a share of the gain, in (0, 1]")
     if cfg.select_images < 1:
         raise UserError(f"select_images={cfg.select_images}: must be >= 1")
     if cfg.select_min_gain < 0:

@@ -1,5 +1,7 @@
 """Per-taste expert selection: each taste cluster keeps its LoRA expert from the checkpoint where
-its own head scores its held-out images highest, beside the last epoch's shared block."""
+its own head scores its held-out images highest, beside the last epoch's shared block; and
+expert restarts: a taste whose own images lag another taste's on its own head takes that
+taste's expert."""
 
 import json
 import shutil
@@ -9,7 +11,12 @@ import torch
 
 from plural_diffusion.backbone import read_lora_state
 from plural_diffusion.ddpo import Trainer, final_checkpoint, latest_checkpoint
-from plural_diffusion.expert_selection import pick_best, with_expert_block
+from plural_diffusion.expert_selection import (
+    copy_expert_block,
+    lagging_experts,
+    pick_best,
+    with_expert_block,
+)
 from reward_models.errors import UserError
 from tests.test_trainer import toy_config
 
@@ -135,3 +142,92 @@ def test_the_train_command_says_where_each_tastes_expert_came_from(
     assert "each taste's expert from:" in out and "vivid epoch-000" in out, out
     assert f"the policy: {run / 'checkpoints' / 'selected'}" in out
     assert (run / "checkpoints" / "selected" / "policy" / "checkpoint.json").is_file()
+
+
+def test_a_taste_restarts_from_the_expert_whose_images_its_own_head_prefers():
+    # rows: made for; columns: scored by. Seed 5's epoch-1 matrix (noir, sunny, vivid):
+    # vivid's own images gain 0.45 on its head, sunny's 3.34
+    scores = [[5.47, 2.04, 1.94], [2.3, 6.11, 4.98], [4.48, 2.53, 2.09]]
+    base = [4.15, 2.79, 1.64]
+    assert lagging_experts(scores, base, ratio=0.5) == {2: 1}
+    # a gain of more than ratio x the best other's keeps the expert
+    assert lagging_experts(scores, base, ratio=0.1) == {}
+    # nothing restarts toward images that do not gain over the base's
+    flat = [[1.0, 0.0], [0.5, 1.0]]
+    assert lagging_experts(flat, [2.0, 2.0], ratio=1.0) == {}
+    assert lagging_experts([[3.0]], [1.0], ratio=1.0) == {}  # one taste: no other expert
+
+
+def test_a_restart_copies_the_block_in_a_and_b_and_two_tastes_can_swap():
+    a = torch.arange(6.0).repeat_interleave(2).view(6, 2)  # rank 2: blocks rows 0-1, 2-3, 4-5
+    b = a.t().clone()
+    copy_expert_block([("A", a), ("B", b)], {0: 1, 1: 0}, rank=2)
+    assert a[:2].tolist() == [[2, 2], [3, 3]] and a[2:4].tolist() == [[0, 0], [1, 1]]
+    assert a[4:].tolist() == [[4, 4], [5, 5]]
+    torch.testing.assert_close(b, a.t())
+
+
+def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "lora.experts=true",
+        "epochs=2",
+        "restart_experts=true",
+        "restart_every=1",
+        "restart_until=0.5",
+        "select_images=2",
+    )
+    trainer = Trainer(cfg)
+    # taste 0's head prefers taste 2's images: it restarts from expert 2 after epoch 1 only
+    names = trainer.taste_names
+    rigged = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [3.0, 0.0, 1.0]}
+
+    def held_out_reward(taste, images=None):
+        return rigged[taste if images is None else images.made_for][taste]
+
+    def held_out_images(taste):
+        images = torch.zeros(1)
+        images.made_for = 0 if taste is None else taste
+        return images
+
+    monkeypatch.setattr(trainer, "held_out_images", held_out_images)
+    monkeypatch.setattr(trainer, "held_out_reward", held_out_reward)
+    history = trainer.fit(progress=False)
+    assert history[0]["restart"]["restarted"] == {names[0]: names[2]}
+    assert "restart" not in history[1]  # restart_until=0.5 of 2 epochs: after epoch 1 only
+    rank = cfg.lora.rank
+    state = trainer.optimizer.optimizer.state
+    lora = [(n, p) for n, p in trainer.unet.named_parameters() if ".lora_A." in n]
+    assert lora
+    # since then both blocks trained on their own gradients; a restart now copies again
+    before = {n: p.detach().clone() for n, p in lora}
+    trainer.restart_experts()
+    for name, param in lora:
+        torch.testing.assert_close(param[:rank], param[2 * rank : 3 * rank])
+        torch.testing.assert_close(param[rank : 2 * rank], before[name][rank : 2 * rank])
+        moments = state[param]
+        torch.testing.assert_close(
+            moments["exp_avg"][:rank], moments["exp_avg"][2 * rank : 3 * rank]
+        )
+        torch.testing.assert_close(
+            moments["exp_avg_sq"][:rank], moments["exp_avg_sq"][2 * rank : 3 * rank]
+        )
+
+
+def test_restart_experts_without_experts_is_a_one_line_error(toy_assets, reward_run, tmp_path):
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "restart_experts=true",
+        "lora.experts=false",
+        "select_experts=false",
+    )
+    with pytest.raises(UserError, match="restart_experts=true .* needs lora.experts=true"):
+        Trainer(cfg)
+    with pytest.raises(UserError, match="restart_ratio=0"):
+        Trainer(toy_config(toy_assets, reward_run, tmp_path / "r", "restart_ratio=0"))
