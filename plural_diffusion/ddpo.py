@@ -202,6 +202,15 @@ class Trainer:
                 len(self.rewards.cluster_names), cfg.maxmin.temperature, cfg.maxmin.momentum
             )
             self._calibrate_clusters()
+        self.head_spread = None  # [K] each cluster head's std over the rated images
+        if cfg.restart_experts and cfg.objective == "matched":
+            try:
+                self.head_spread = self.rewards.rated_cluster_spread().tolist()
+            except UserError as error:
+                raise UserError(
+                    f"restart_experts=true scales each head by its spread over the reward run's "
+                    f"rated images, which did not load ({error}); set restart_experts=false"
+                ) from None
         self.base_similarity = None
         if (
             cfg.method == "draft"
@@ -907,7 +916,10 @@ class Trainer:
         for j in range(n):
             images = self.held_out_images(j)
             scores.append([self.held_out_reward(k, images) for k in range(n)])
-        restarts = lagging_experts(scores, base, self.cfg.restart_ratio)
+        cfg = self.cfg
+        restarts = lagging_experts(
+            scores, base, cfg.restart_ratio, self.head_spread, cfg.restart_min_gap
+        )
         if restarts:
             state = self.optimizer.optimizer.state  # accelerate's wrapper holds torch's
             tensors = []
@@ -939,6 +951,13 @@ class Trainer:
             for p in sorted(ckpt_root.glob("epoch-*"))
             if (p / STATE_JSON).is_file() and p.name != last
         }
+        # a taste restarted from another's expert (`restart_experts`) after epoch e: its block
+        # in checkpoints up to e is another expert's or its own former one, no candidate
+        restarted = {
+            name: h["epoch"] + 1
+            for h in self.history
+            for name in h.get("restart", {}).get("restarted", {})
+        }
         rank = self.cfg.lora.rank
         current = lora_state(self.unet)
         base_images = self.held_out_images(None)  # the same for every taste
@@ -954,6 +973,9 @@ class Trainer:
             scores = {last: self.held_out_reward(k)}
             bar.update(1)
             for ckpt, state in candidates.items():
+                if int(ckpt.split("-")[1]) <= restarted.get(name, 0):
+                    bar.update(1)
+                    continue
                 set_lora_state(self.unet, with_expert_block(current, state, k, rank))
                 scores[ckpt] = self.held_out_reward(k)
                 bar.update(1)

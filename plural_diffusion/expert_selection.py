@@ -55,16 +55,26 @@ def pick_best(scores: dict[str, float], keep: str, base: float, min_gain: float)
     return best if scores[best] > scores[keep] + margin else keep
 
 
-def lagging_experts(scores: list[list[float]], base: list[float], ratio: float) -> dict[int, int]:
+def lagging_experts(
+    scores: list[list[float]],
+    base: list[float],
+    ratio: float,
+    spread: list[float] | None = None,
+    min_gap: float = 0.0,
+) -> dict[int, int]:
     """Which taste restarts from which: {k: j} where taste k's own held-out images gain less over
     the base model's, on k's head, than `ratio` times what taste j's images gain there (j the
-    taste whose images k's head scores highest, and only if they gain at all).
+    taste whose images k's head scores highest, and only if they gain at all), and j's images
+    lead k's own by at least `min_gap` times `spread[k]` (k's head's own scale).
 
     scores[j][k]: taste k's head on the images made for taste j (rows: made for; columns:
     scored by); base[k]: taste k's head on the base model's images of the same draws.
-    Measured on the toy base of seed 5: vivid's expert went dark with noir's in the first epoch
-    (its head 2.09 on its own images, 1.64 on the base's) while sunny's images scored 4.98 on
-    vivid's head; from there it climbed only to 5.5 (gold .32) where sunny's images reached 8.2.
+    Measured on the toy base of seed 5 (4 epochs in): vivid's expert had gone dark with noir's
+    (its head 2.23 on its own images, 1.64 on the base's) while sunny's images scored 5.10 on
+    vivid's head; left alone it climbed to 5.5 (gold .32) where sunny's images reached 8.
+    The gap keeps noise from restarting an expert that has barely moved: on the all-bright base
+    of seed 1, two epochs in, noir's head put vivid's images 0.17 above noir's own (its spread
+    over the rated images is 1.98).
     """
     restarts = {}
     for k in range(len(base)):
@@ -73,7 +83,9 @@ def lagging_experts(scores: list[list[float]], base: list[float], ratio: float) 
             continue
         j = max(others, key=lambda j: scores[j][k])
         gain = scores[j][k] - base[k]
-        if gain > 0 and scores[k][k] - base[k] < ratio * gain:
+        lead = scores[j][k] - scores[k][k]
+        wide = spread is None or lead >= min_gap * spread[k]
+        if gain > 0 and scores[k][k] - base[k] < ratio * gain and wide:
             restarts[k] = j
     return restarts
 

@@ -26,6 +26,7 @@ than the majority's own head does; a minority's reward barely moves.
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -33,7 +34,7 @@ import torch
 from reward_models.errors import UserError
 from reward_models.features import load_clip
 from reward_models.heads import load_head
-from reward_models.workflow import load_run
+from reward_models.workflow import features_for, load_data, load_run
 
 Objective = Literal["matched", "mean", "maxmin"]
 TasteSource = Literal["clusters", "raters"]
@@ -59,6 +60,7 @@ class TasteRewards:
         """mean_head: a head directory (e.g. a social head from `reward-models social`) to score
         the taste-blind `mean` objective with, in place of the run's own mean head."""
         self.run = load_run(run_dir)
+        self.run_dir = Path(run_dir)
         self.space = space
         self.device = torch.device(device)
         clip = self.run.cfg.clip
@@ -132,6 +134,17 @@ class TasteRewards:
         z = self.cluster_tastes.repeat(batch, 1)  # [B * K, d]: image-major
         x = features.repeat_interleave(k, dim=0)
         return self.taste_head.score(x, z).view(batch, k)
+
+    @torch.no_grad()
+    def rated_cluster_spread(self) -> torch.Tensor:
+        """[K] the std of each cluster's utility over the images the reward run's raters rated
+        (its data.path; features from the run's feature cache): each head's own scale."""
+        cfg = self.run.cfg
+        data = load_data(cfg.data)
+        cache = Path(cfg.clip.cache_dir) if cfg.clip.cache_dir else self.run_dir.parent / "features"
+        feats = features_for(data, cfg.clip, cache, encoder=self.encoder).matrix.to(self.device)
+        scores = torch.cat([self.cluster_scores(f) for f in feats.split(1024)])
+        return scores.float().std(dim=0)
 
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor) -> None:

@@ -150,13 +150,16 @@ class TrainConfig:
     # matched with LoRA experts (tastes by cluster): every `restart_every` epochs up to
     # `restart_until` of the run, each taste's own head scores every taste's held-out images;
     # a taste whose own images gained less than `restart_ratio` of what another taste's images
-    # gain over the base model's on its head takes that taste's expert block, optimizer moments
+    # gain over the base model's on its head, and trail them by `restart_min_gap` of its head's
+    # std over the reward run's rated images, takes that taste's expert block, optimizer moments
     # included, and trains on from there (an expert stuck in the wrong mode jumps to the better
-    # one its own head sees). Taste-blind objectives have no experts and ignore it
+    # one its own head sees; `plural_diffusion.expert_selection.lagging_experts`). Its earlier
+    # checkpoints are then no candidates for `select_experts`. Taste-blind objectives ignore it
     restart_experts: bool = False
     restart_every: int = 2
     restart_until: float = 0.5
     restart_ratio: float = 0.5
+    restart_min_gap: float = 0.5
     seed: int = 0
     out_dir: str = "runs/policy"
     save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
@@ -246,6 +249,8 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         raise UserError(f"restart_until={cfg.restart_until}: a fraction of the epochs, in [0, 1]")
     if not 0.0 < cfg.restart_ratio <= 1.0:
         raise UserError(f"restart_ratio={cfg.restart_ratio}: a share of the gain, in (0, 1]")
+    if cfg.restart_min_gap < 0:
+        raise UserError(f"restart_min_gap={cfg.restart_min_gap}: in head std units, >= 0")
     if cfg.select_images < 1:
         raise UserError(f"select_images={cfg.select_images}: must be >= 1")
     if cfg.select_min_gain < 0:

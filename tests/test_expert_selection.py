@@ -156,6 +156,10 @@ def test_a_taste_restarts_from_the_expert_whose_images_its_own_head_prefers():
     flat = [[1.0, 0.0], [0.5, 1.0]]
     assert lagging_experts(flat, [2.0, 2.0], ratio=1.0) == {}
     assert lagging_experts([[3.0]], [1.0], ratio=1.0) == {}  # one taste: no other expert
+    # sunny's images lead vivid's own by 2.89: a restart only where that is min_gap x spread
+    spread = [1.98, 2.65, 2.52]
+    assert lagging_experts(scores, base, 0.5, spread, min_gap=1.0) == {2: 1}
+    assert lagging_experts(scores, base, 0.5, spread, min_gap=1.2) == {}
 
 
 def test_a_restart_copies_the_block_in_a_and_b_and_two_tastes_can_swap():
@@ -179,6 +183,9 @@ def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
         "restart_experts=true",
         "restart_every=1",
         "restart_until=0.5",
+        "restart_min_gap=0",
+        "select_experts=true",
+        "save_every=1",
         "select_images=2",
     )
     trainer = Trainer(cfg)
@@ -199,6 +206,12 @@ def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
     history = trainer.fit(progress=False)
     assert history[0]["restart"]["restarted"] == {names[0]: names[2]}
     assert "restart" not in history[1]  # restart_until=0.5 of 2 epochs: after epoch 1 only
+    # each head's scale: its std over the reward run's rated images
+    assert len(trainer.head_spread) == 3 and min(trainer.head_spread) > 0
+    # taste 0's expert in epoch-0001 (saved after the restart) is another's: no candidate
+    selection = json.loads((tmp_path / "run" / "selection.json").read_text())
+    assert set(selection[names[0]]["held_out_reward"]) == {"epoch-0002"}
+    assert set(selection[names[1]]["held_out_reward"]) == {"epoch-0001", "epoch-0002"}
     rank = cfg.lora.rank
     state = trainer.optimizer.optimizer.state
     lora = [(n, p) for n, p in trainer.unet.named_parameters() if ".lora_A." in n]
