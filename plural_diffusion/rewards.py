@@ -32,9 +32,9 @@ from typing import Literal
 import torch
 
 from reward_models.errors import UserError
-from reward_models.features import load_clip
+from reward_models.features import FeatureCache, load_clip
 from reward_models.heads import load_head
-from reward_models.workflow import features_for, load_data, load_run
+from reward_models.workflow import load_data, load_run
 
 Objective = Literal["matched", "mean", "maxmin"]
 TasteSource = Literal["clusters", "raters"]
@@ -141,9 +141,11 @@ class TasteRewards:
         (its data.path; features from the run's feature cache): each head's own scale."""
         cfg = self.run.cfg
         data = load_data(cfg.data)
-        cache = Path(cfg.clip.cache_dir) if cfg.clip.cache_dir else self.run_dir.parent / "features"
-        feats = features_for(data, cfg.clip, cache, encoder=self.encoder).matrix.to(self.device)
-        scores = torch.cat([self.cluster_scores(f) for f in feats.split(1024)])
+        root = data.tables()[0].image_root
+        images = sorted({root / i for t in data.tables() for i in t.images})
+        cache_dir = cfg.clip.cache_dir or self.run_dir.parent / "features"  # as training's
+        feats = FeatureCache(cache_dir, self.encoder).features(images, cfg.clip.batch_size)
+        scores = torch.cat([self.cluster_scores(f) for f in feats.to(self.device).split(1024)])
         return scores.float().std(dim=0)
 
     @torch.no_grad()

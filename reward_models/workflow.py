@@ -31,7 +31,7 @@ from reward_models.clusters import ClusterConfig, TasteClusters, fit_clusters
 from reward_models.config import from_dict, to_dict
 from reward_models.data import RatingData, load_ratings, split_by_image
 from reward_models.errors import UserError
-from reward_models.features import ClipEncoder, FeatureCache, load_clip
+from reward_models.features import FeatureCache, load_clip
 from reward_models.heads import (
     MeanHeadConfig,
     RaterHeadConfig,
@@ -136,15 +136,11 @@ def load_data(cfg: DataConfig, known_raters=None) -> RatingData:
     )
 
 
-def features_for(
-    data: RatingData, cfg: ClipConfig, cache_dir: Path, encoder: ClipEncoder | None = None
-) -> Features:
-    """Features of every image in `data`, computed once and cached by content hash (`encoder`:
-    the CLIP model `cfg` names, already loaded)."""
+def features_for(data: RatingData, cfg: ClipConfig, cache_dir: Path) -> Features:
+    """Features of every image in `data`, computed once and cached by content hash."""
     if not cfg.model:
         raise UserError("no CLIP model given: set clip.model=NAME or local-dir:PATH")
-    if encoder is None:
-        encoder = load_clip(cfg.model, cfg.pretrained, device=cfg.device)
+    encoder = load_clip(cfg.model, cfg.pretrained, device=cfg.device)
     images = sorted({i for t in data.tables() for i in t.images})
     root = data.tables()[0].image_root
     cache = FeatureCache(Path(cfg.cache_dir) if cfg.cache_dir else cache_dir, encoder)
