@@ -16,7 +16,7 @@ heads are the benchmark and stay fixed), reads its metrics.json and checks, per 
 
 Writes benchmarks/results/demo_seeds[-METHOD][-TAG].json and a plot; prints a line per seed.
 Extra `key=value` arguments go to every demo (e.g.
-"train_overrides=[lora.experts=false, select_experts=false]" to
+"train_overrides=[lora.experts=false, select_experts=false, restart_experts=false]" to
 measure an alternative), and `--tag` names the result files.
 """
 

@@ -6,7 +6,7 @@
     python benchmarks/draft_options_toy.py --reward-overrides ensemble_size=4 \
         "epochs=12 ensemble_penalty=1.0" "epochs=12 ensemble_penalty=3.0"
     python benchmarks/draft_options_toy.py --base-seed 1 "lora.experts=true" \
-        "lora.experts=false select_experts=false"
+        "lora.experts=false select_experts=false restart_experts=false"
 
 --base-seed trains (and caches) the toy base from another seed, as the demo's
 prepare.base.seed does. Each line also gives the within-taste Vendi score of the held-out
