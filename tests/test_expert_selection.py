@@ -244,3 +244,17 @@ def test_restart_experts_without_experts_is_a_one_line_error(toy_assets, reward_
         Trainer(cfg)
     with pytest.raises(UserError, match="restart_ratio=0"):
         Trainer(toy_config(toy_assets, reward_run, tmp_path / "r", "restart_ratio=0"))
+
+
+def test_restart_experts_without_the_rated_images_is_a_one_line_error(
+    toy_assets, reward_run, tmp_path
+):
+    # a reward run moved away from its ratings: each head's spread cannot be measured
+    moved = tmp_path / "rewards" / "run"
+    shutil.copytree(reward_run, moved)
+    config = json.loads((moved / "config.json").read_text())
+    config["data"]["path"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(config))
+    cfg = toy_config(toy_assets, moved, tmp_path, "restart_experts=true", "lora.experts=true")
+    with pytest.raises(UserError, match="restart_experts=true scales each head .* did not load"):
+        Trainer(cfg)
