@@ -838,6 +838,11 @@ class Trainer:
             log = self.train_epoch()
             if self._restart_due(self.epoch + 1):
                 log["restart"] = self.restart_experts()
+                for name, source in log["restart"]["restarted"].items():
+                    if self.accelerator.is_main_process:
+                        tqdm.write(
+                            f"{name}'s expert restarted from {source}'s after epoch {self.epoch + 1}"
+                        )
             log["seconds"] = round(time.perf_counter() - t0, 2)
             self.history.append(log)
             if cfg.tensorboard:

@@ -172,7 +172,7 @@ def test_a_restart_copies_the_block_in_a_and_b_and_two_tastes_can_swap():
 
 
 def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
-    toy_assets, reward_run, tmp_path, monkeypatch
+    toy_assets, reward_run, tmp_path, monkeypatch, capsys
 ):
     cfg = toy_config(
         toy_assets,
@@ -206,6 +206,9 @@ def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
     history = trainer.fit(progress=False)
     assert history[0]["restart"]["restarted"] == {names[0]: names[2]}
     assert "restart" not in history[1]  # restart_until=0.5 of 2 epochs: after epoch 1 only
+    assert (
+        f"{names[0]}'s expert restarted from {names[2]}'s after epoch 1" in capsys.readouterr().out
+    )
     # each head's scale: its std over the reward run's rated images
     assert len(trainer.head_spread) == 3 and min(trainer.head_spread) > 0
     # taste 0's expert in epoch-0001 (saved after the restart) is another's: no candidate
