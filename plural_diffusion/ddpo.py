@@ -202,6 +202,7 @@ class Trainer:
                 len(self.rewards.cluster_names), cfg.maxmin.temperature, cfg.maxmin.momentum
             )
             self._calibrate_clusters()
+        self._held_out_base = None  # `held_out_base_reward`, once sampled
         self.head_spread = None  # [K] each cluster head's std over the rated images
         if cfg.restart_experts and cfg.objective == "matched":
             try:
@@ -838,8 +839,8 @@ class Trainer:
             log = self.train_epoch()
             if self._restart_due(self.epoch + 1):
                 log["restart"] = self.restart_experts()
-                for name, source in log["restart"]["restarted"].items():
-                    if self.accelerator.is_main_process:
+                if self.accelerator.is_main_process:
+                    for name, source in log["restart"]["restarted"].items():
                         tqdm.write(
                             f"{name}'s expert restarted from {source}'s after epoch {self.epoch + 1}"
                         )
@@ -889,6 +890,16 @@ class Trainer:
             )
         return traj.images
 
+    def held_out_base_reward(self, taste: int) -> float:
+        """`held_out_reward` of the base model's held-out images for `taste`: the base and the
+        draws never change, so they are sampled and scored once per run."""
+        if self._held_out_base is None:
+            images = self.held_out_images(None)
+            self._held_out_base = [
+                self.held_out_reward(k, images) for k in range(len(self.taste_names))
+            ]
+        return self._held_out_base[taste]
+
     @torch.no_grad()
     def held_out_reward(self, taste: int, images: torch.Tensor | None = None) -> float:
         """Mean reward for taste `taste`, by its own head, of `images` (default: the policy's
@@ -915,8 +926,7 @@ class Trainer:
         draws on every process, so every rank decides alike. Returns the scores and restarts."""
         self.unet.eval()
         names, n = self.taste_names, len(self.taste_names)
-        base_images = self.held_out_images(None)
-        base = [self.held_out_reward(k, base_images) for k in range(n)]
+        base = [self.held_out_base_reward(k) for k in range(n)]
         scores = []
         for j in range(n):
             images = self.held_out_images(j)
@@ -965,7 +975,6 @@ class Trainer:
         }
         rank = self.cfg.lora.rank
         current = lora_state(self.unet)
-        base_images = self.held_out_images(None)  # the same for every taste
         selection = {}
         bar = tqdm(
             total=len(self.taste_names) * (len(candidates) + 1),
@@ -973,7 +982,7 @@ class Trainer:
             disable=not progress or not self.accelerator.is_main_process,
         )
         for k, name in enumerate(self.taste_names):
-            base = self.held_out_reward(k, base_images)
+            base = self.held_out_base_reward(k)
             set_lora_state(self.unet, current)
             scores = {last: self.held_out_reward(k)}
             bar.update(1)

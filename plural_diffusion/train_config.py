@@ -223,26 +223,17 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             "taste.weighting=share has no effect with taste.grouped=true (each group holds one "
             "image per taste); set taste.grouped=false to draw tastes by their shares"
         )
-    if (
-        cfg.select_experts
-        and cfg.objective == "matched"
-        and not (cfg.lora.experts and taste.source in ("clusters", "latents"))
-    ):
-        raise UserError(
-            "select_experts=true picks each taste cluster's LoRA expert, so it needs "
-            "lora.experts=true and taste.source=clusters or latents; set select_experts=false "
-            "to train without it"
-        )
-    if (
-        cfg.restart_experts
-        and cfg.objective == "matched"
-        and not (cfg.lora.experts and taste.source in ("clusters", "latents"))
-    ):
-        raise UserError(
-            "restart_experts=true restarts a taste cluster's LoRA expert from another's, so it "
-            "needs lora.experts=true and taste.source=clusters or latents; set "
-            "restart_experts=false to train without it"
-        )
+    per_expert = {  # options that act on each taste cluster's LoRA expert block
+        "select_experts": "picks each taste cluster's LoRA expert",
+        "restart_experts": "restarts a taste cluster's LoRA expert from another's",
+    }
+    routed = cfg.lora.experts and taste.source in ("clusters", "latents")
+    for option, what in per_expert.items():
+        if getattr(cfg, option) and cfg.objective == "matched" and not routed:
+            raise UserError(
+                f"{option}=true {what}, so it needs lora.experts=true and taste.source=clusters "
+                f"or latents; set {option}=false to train without it"
+            )
     if cfg.restart_every < 1:
         raise UserError(f"restart_every={cfg.restart_every}: epochs between checks, >= 1")
     if not 0.0 <= cfg.restart_until <= 1.0:
