@@ -83,15 +83,18 @@ def held_out_images(trainer: Trainer, n: int = 48, base: bool = False, seed: int
 
 def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
     """Gold utility per cluster of images made for that cluster (all images if taste-blind),
-    and the Vendi score of each taste's images (`held_out_images`)."""
+    the Vendi score of each taste's images (`held_out_images`), and the cross-taste gold
+    matrix (`cross_taste_gold`; None if taste-blind)."""
     taste, images = held_out_images(trainer, n, base)
     scores = gold(images)  # [n, K]
     features = trainer.rewards.features(images)
     if trainer.tastes is None or base:
-        return [round(x, 3) for x in scores.mean(0).tolist()], [round(vendi_score(features), 2)]
+        gold_all = [round(x, 3) for x in scores.mean(0).tolist()]
+        return gold_all, [round(vendi_score(features), 2)], None
     cross = cross_taste_gold(scores, taste)
     ks = range(scores.shape[1])
-    return [cross[k][k] for k in ks], [round(vendi_score(features[taste == k]), 2) for k in ks]
+    vendi = [round(vendi_score(features[taste == k]), 2) for k in ks]
+    return [cross[k][k] for k in ks], vendi, cross
 
 
 def main() -> None:
@@ -107,12 +110,15 @@ def main() -> None:
         tcfg = toy_train_config(assets, run, out, *overrides.split())
         trainer = Trainer(tcfg, gold_fn=gold)
         if overrides == args.runs[0]:
-            gold_base, vendi_base = held_out(trainer, gold, base=True)
+            gold_base, vendi_base, _ = held_out(trainer, gold, base=True)
             print(f"base model: held-out gold {gold_base}, Vendi {vendi_base}", flush=True)
         history = trainer.fit(progress=False)
         seconds = round(sum(e["seconds"] for e in history))
-        g, v = held_out(trainer, gold)
-        print(f"{overrides}: {seconds} s, held-out gold per cluster {g}, Vendi {v}", flush=True)
+        g, v, cross = held_out(trainer, gold)
+        line = f"{overrides}: {seconds} s, held-out gold per cluster {g}, Vendi {v}"
+        if cross is not None:
+            line += f", cross-taste gold (rows made for, columns scored by) {cross}"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

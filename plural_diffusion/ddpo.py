@@ -125,7 +125,7 @@ class Trainer:
             cfg.rewards, device=self.device, space=space, mean_head=cfg.mean_head or None
         )
         n_experts = self._n_experts()
-        shared = n_experts > 1 and cfg.lora.shared_expert
+        shared = n_experts > 1 and cfg.shared_expert
         # each block is a LoRA of rank r with alpha / r scaling, as one LoRA without experts
         n_blocks = n_experts + int(shared)
         lora_rank, lora_alpha = cfg.lora.rank * n_blocks, cfg.lora.alpha * n_blocks
@@ -204,7 +204,7 @@ class Trainer:
             self._calibrate_clusters()
         self._held_out_base = None  # `held_out_base_reward`, once sampled
         self.head_spread = None  # [K] each cluster head's std over the rated images
-        if cfg.restart_experts and cfg.objective == "matched":
+        if cfg.restarts and cfg.objective == "matched":
             try:
                 self.head_spread = self.rewards.rated_cluster_spread().tolist()
             except UserError as error:
@@ -913,7 +913,7 @@ class Trainer:
         """Whether the `restart_experts` check runs after `epoch` (counted from 1)."""
         cfg = self.cfg
         return (
-            cfg.restart_experts
+            cfg.restarts
             and cfg.objective == "matched"
             and epoch % cfg.restart_every == 0
             and epoch <= cfg.restart_until * cfg.n_epochs
