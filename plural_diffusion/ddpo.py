@@ -204,7 +204,7 @@ class Trainer:
             self._calibrate_clusters()
         self._held_out_base = None  # `held_out_base_reward`, once sampled
         self.head_spread = None  # [K] each cluster head's std over the rated images
-        if cfg.restarts and cfg.objective == "matched":
+        if cfg.restart_experts and cfg.objective == "matched":
             try:
                 self.head_spread = self.rewards.rated_cluster_spread().tolist()
             except UserError as error:
@@ -913,7 +913,7 @@ class Trainer:
         """Whether the `restart_experts` check runs after `epoch` (counted from 1)."""
         cfg = self.cfg
         return (
-            cfg.restarts
+            cfg.restart_experts
             and cfg.objective == "matched"
             and epoch % cfg.restart_every == 0
             and epoch <= cfg.restart_until * cfg.n_epochs

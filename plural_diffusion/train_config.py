@@ -156,10 +156,8 @@ class TrainConfig:
     # std over the reward run's rated images, takes that taste's expert block, optimizer moments
     # included, and trains on from there (an expert stuck in the wrong mode jumps to the better
     # one its own head sees; `plural_diffusion.expert_selection.lagging_experts`). Its earlier
-    # checkpoints are then no candidates for `select_experts`. Taste-blind objectives ignore it.
-    # None: the method's own, on for DRaFT and off for DDPO, whose slow first epochs set it off
-    # on noise (a taste restarted up to seven times in one run; see README)
-    restart_experts: bool | None = False
+    # checkpoints are then no candidates for `select_experts`. Taste-blind objectives ignore it
+    restart_experts: bool = False
     restart_every: int = 2
     restart_until: float = 0.5
     restart_ratio: float = 0.5
@@ -207,14 +205,6 @@ class TrainConfig:
             return self.lora.shared_expert
         return self.method == "draft"
 
-    @property
-    def restarts(self) -> bool:
-        """Whether `restart_experts` checks run: its value, or the method's own when that is
-        None (DRaFT yes, DDPO no)."""
-        if self.restart_experts is not None:
-            return self.restart_experts
-        return self.method == "draft"
-
 
 def check_options(cfg: TrainConfig, cpu: bool) -> None:
     """One-line errors for settings that cannot run here, before any model is loaded."""
@@ -244,12 +234,12 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             "image per taste); set taste.grouped=false to draw tastes by their shares"
         )
     per_expert = {  # options that act on each taste cluster's LoRA expert block
-        "select_experts": (cfg.select_experts, "picks each taste cluster's LoRA expert"),
-        "restart_experts": (cfg.restarts, "restarts a taste cluster's LoRA expert from another's"),
+        "select_experts": "picks each taste cluster's LoRA expert",
+        "restart_experts": "restarts a taste cluster's LoRA expert from another's",
     }
     routed = cfg.lora.experts and taste.source in ("clusters", "latents")
-    for option, (on, what) in per_expert.items():
-        if on and cfg.objective == "matched" and not routed:
+    for option, what in per_expert.items():
+        if getattr(cfg, option) and cfg.objective == "matched" and not routed:
             raise UserError(
                 f"{option}=true {what}, so it needs lora.experts=true and taste.source=clusters "
                 f"or latents; set {option}=false to train without it"

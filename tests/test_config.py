@@ -107,21 +107,17 @@ def test_bool_fields_still_read_yaml_11_words_and_true_false():
 
 
 @pytest.mark.parametrize(
-    ("overrides", "shared", "restarts"),
+    ("overrides", "shared"),
     [
-        ([], True, True),  # the toy config leaves both to the method: DRaFT has both
-        (["method=ddpo"], False, False),  # DDPO neither
-        (["method=ddpo", "lora.shared_expert=true", "restart_experts=true"], True, True),
-        (["lora.shared_expert=false", "restart_experts=false"], False, False),
-        (["method=ddpo", "restart_experts=null"], False, False),
+        ([], True),  # the toy config leaves the shared block to the method: DRaFT has it
+        (["method=ddpo"], False),  # DDPO does not
+        (["method=ddpo", "lora.shared_expert=true"], True),
+        (["lora.shared_expert=false"], False),
     ],
 )
-def test_the_toy_configs_shared_block_and_restarts_are_each_methods_own_unless_set(
-    overrides, shared, restarts
-):
+def test_the_toy_configs_shared_expert_block_is_the_methods_own_unless_set(overrides, shared):
     from plural_diffusion.configs import CONFIGS
     from plural_diffusion.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", overrides)
-    assert (cfg.shared_expert, cfg.restarts) == (shared, restarts)
-    assert TrainConfig().restarts is False  # off unless a config asks, whatever the method
+    assert cfg.shared_expert is shared
