@@ -32,8 +32,8 @@ class LoraSettings:
     experts: bool = False
     # with experts: one more LoRA block of this rank shared by every taste (what the tastes have
     # in common, e.g. leaving a base whose samples are all bright), next to each cluster's own.
-    # None: the method's own, on for DRaFT and off for DDPO, whose shared block took each
-    # update's common drift and left the majority short (see README)
+    # None: the method's own, on for DRaFT and off for DDPO, where the shared block left vivid
+    # lower on every seed tried (see README)
     shared_expert: bool | None = None
 
 
