@@ -86,7 +86,7 @@ def held_out(trainer: Trainer, gold, n: int = 48, base: bool = False):
     the Vendi score of each taste's images (`held_out_images`), and the cross-taste gold
     matrix (`cross_taste_gold`; None if taste-blind)."""
     taste, images = held_out_images(trainer, n, base)
-    scores = gold(images)  # [n, K]
+    scores = gold(images.cpu())  # [n, K]; the gold utilities are computed on the CPU
     features = trainer.rewards.features(images)
     if trainer.tastes is None or base:
         gold_all = [round(x, 3) for x in scores.mean(0).tolist()]

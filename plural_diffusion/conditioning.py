@@ -35,6 +35,7 @@ guidance-style taste dropout (`drop_taste`).
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,9 @@ class TasteConditioningConfig:
     # one more block of the LoRA that every taste uses (gate 1): what the tastes share, next to
     # what each cluster's own expert adds
     shared_expert: bool = False
+    # each taste cluster's own taste module (MLP and output projection), mixed by the same gates
+    # as the LoRA experts: no taste's update moves another cluster's tokens (needs `experts`)
+    expert_tokens: bool = False
 
 
 class TasteEmbeddingSlot(nn.Module):
@@ -210,9 +214,28 @@ class TasteConditioner(nn.Module):
         self.proj_out = nn.Linear(config.hidden, n_out)
         nn.init.zeros_(self.proj_out.weight)  # identity at init, see module docstring
         nn.init.zeros_(self.proj_out.bias)
+        if config.expert_tokens:
+            if config.experts < 2:
+                raise UserError(
+                    "conditioning.expert_tokens=true gives each taste cluster its own taste "
+                    "module, so it needs lora.experts=true and taste.source=clusters or latents; "
+                    "set conditioning.expert_tokens=false"
+                )
+            # the shared MLP and projection above become expert 0's; experts 1.. are copies
+            # of their initialisation (zero projection: identity at init)
+            self.expert_modules = nn.ModuleList(
+                copy.deepcopy(nn.Sequential(self.mlp, self.proj_out))
+                for _ in range(config.experts - 1)
+            )
         if config.experts:  # filled by `set_experts`; saved with the conditioner's weights
             self.register_buffer("expert_centroids", torch.zeros(config.experts, config.taste_dim))
             self.register_buffer("expert_temperature", torch.ones(()))
+
+    def expert_module(self, k: int) -> nn.Module:
+        """Cluster k's own taste module (`expert_tokens`): MLP and output projection."""
+        if not self.config.expert_tokens:
+            raise ValueError("expert_module needs conditioning.expert_tokens=true")
+        return nn.Sequential(self.mlp, self.proj_out) if k == 0 else self.expert_modules[k - 1]
 
     def set_experts(self, centroids: torch.Tensor) -> None:
         """Route LoRA experts by the taste clusters' centroids [E, taste_dim]."""
@@ -269,7 +292,14 @@ class TasteConditioner(nn.Module):
             raise UserError(
                 f"taste vectors have shape {tuple(z.shape)}; expected [B, {self.config.taste_dim}]"
             )
-        out = self.proj_out(self.mlp(z.to(self.null.dtype)))
+        h = z.to(self.null.dtype)
+        if self.config.expert_tokens:
+            gates = expert_gates(z, self.expert_centroids, self.expert_temperature)
+            modules = [self.expert_module(k) for k in range(self.config.experts)]
+            per_expert = torch.stack([m(h) for m in modules], dim=1)  # [B, E, n_out]
+            out = (gates.to(per_expert.dtype)[..., None] * per_expert).sum(1)
+        else:
+            out = self.proj_out(self.mlp(h))
         if self.config.mode == "tokens":
             return out.view(z.shape[0], self.config.n_tokens, self.config.out_dim)
         return out

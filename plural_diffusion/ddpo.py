@@ -418,13 +418,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one epoch
     def learning_rate(self, epoch: int) -> float:
-        """The learning rate of `epoch` under `lr_schedule`."""
+        """The learning rate of `epoch` under `lr_schedule`, after `lr_warmup`."""
         cfg = self.cfg
+        warmup = min(1.0, (epoch + 1) / (cfg.lr_warmup + 1))
         if cfg.lr_schedule == "constant":
-            return cfg.lr
+            return cfg.lr * warmup
         progress = min(1.0, epoch / max(1, cfg.n_epochs - 1))
-        return cfg.lr * (
-            cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress))
+        return (
+            cfg.lr
+            * warmup
+            * (cfg.lr_final + (1 - cfg.lr_final) * 0.5 * (1 + math.cos(math.pi * progress)))
         )
 
     def train_epoch(self) -> dict:
@@ -552,12 +555,15 @@ class Trainer:
 
     def _key_stats(self, prompt, taste, reward):
         """Each sample's (prompt, taste) key's running reward (mean, std), [B] each, from the
-        rewards of every process (gathered, so all ranks normalise alike)."""
+        rewards of every process (gathered, so all ranks normalise alike). A key seen too rarely
+        uses its taste's statistics (`ddpo.stat_fallback=taste`) or the batch's."""
         # one key per (prompt, taste, asked for the null taste); see `draw_batch`
         keys = (prompt * 2 * len(self.taste_names) + taste).to(self.device)
         all_keys = self.accelerator.gather(keys).cpu().numpy()
+        all_tastes = self.accelerator.gather(taste.to(self.device)).cpu().numpy()
         all_rewards = self.accelerator.gather(reward.float()).cpu().numpy()
-        mean, std = self.tracker.observe(all_keys, all_rewards)
+        groups = all_tastes if self.cfg.ddpo.stat_fallback == "taste" else None
+        mean, std = self.tracker.observe(all_keys, all_rewards, groups)
         n, rank = len(reward), self.accelerator.process_index
         mine = slice(rank * n, (rank + 1) * n)
         return tuple(
@@ -943,22 +949,39 @@ class Trainer:
                 if kind is None:
                     continue
                 tensors.append((kind, param.data))
-                moments = state.get(param, {}).values()
-                tensors += [
-                    (kind, m) for m in moments if torch.is_tensor(m) and m.shape == param.shape
-                ]
+                tensors += [(kind, m) for m in _moments(state, param)]
             copy_expert_block(tensors, restarts, self.cfg.lora.rank)
+            if self.conditioner is not None and self.conditioner.config.expert_tokens:
+                self._copy_taste_modules(restarts, state)
         return {
             "held_out_reward": {names[j]: dict(zip(names, row)) for j, row in enumerate(scores)},
             "base": dict(zip(names, base)),
             "restarted": {names[k]: names[j] for k, j in restarts.items()},
         }
 
+    @torch.no_grad()
+    def _copy_taste_modules(self, restarts: dict[int, int], state: dict) -> None:
+        """With `conditioning.expert_tokens`, a restarted taste takes the other's taste module
+        too (weights and Adam moments): its expert is both its LoRA block and its tokens."""
+        params = [
+            list(self.conditioner.expert_module(k).parameters())
+            for k in range(len(self.taste_names))
+        ]
+        sources = {  # all read before any is written (two tastes may swap)
+            j: [[t.clone() for t in (p, *_moments(state, p))] for p in params[j]]
+            for j in set(restarts.values())
+        }
+        for k, j in restarts.items():
+            for p, saved in zip(params[k], sources[j]):
+                for t, v in zip((p, *_moments(state, p)), saved):
+                    t.copy_(v)
+
     def select_experts(self, ckpt_root: Path, progress: bool = True) -> dict:
         """Give each taste its expert block from the checkpoint under `ckpt_root` where its
         held-out reward is highest (`plural_diffusion.expert_selection`); the shared block and
-        the taste module stay the last epoch's. Writes `ckpt_root/selected` (a checkpoint's
-        policy/ and selection.json) and out_dir/selection.json; returns the selection."""
+        the taste module (with `conditioning.expert_tokens`, every taste's) stay the last
+        epoch's. Writes `ckpt_root/selected` (a checkpoint's policy/ and selection.json) and
+        out_dir/selection.json; returns the selection."""
         self.unet.eval()
         last = f"epoch-{self.epoch:04d}"
         candidates = {
@@ -1057,3 +1080,10 @@ def train(cfg: TrainConfig, resume: bool = False, gold_fn=None, progress: bool =
     finally:
         trainer.close()
     return out
+
+
+def _moments(state: dict, param: torch.Tensor) -> list[torch.Tensor]:
+    """The optimizer's per-element state of `param` (Adam's two moments), not its step count."""
+    return [
+        v for v in state.get(param, {}).values() if torch.is_tensor(v) and v.shape == param.shape
+    ]

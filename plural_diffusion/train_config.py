@@ -66,7 +66,10 @@ class DDPOSettings:
     clip_range: float = 1e-3
     adv_clip_max: float = 5.0
     stat_buffer: int = 64  # rewards remembered per (prompt, taste) key
-    stat_min_count: int = 8  # below this many, a key uses the batch's statistics
+    stat_min_count: int = 8  # below this many, a key uses its fallback's statistics
+    # a rare key's fallback: "taste" (its taste's rewards over every prompt, then the batch's)
+    # or "batch" (the whole batch's, every taste together, as DDPO's per-prompt tracker does)
+    stat_fallback: str = "batch"
     kl_weight: float = 0.0  # KL-to-base penalty (base = same UNet, adapter disabled)
     # train minibatches per optimizer step (their gradients are summed, then one step). DDPO's
     # reference takes few, large steps per epoch; 1 = a step per minibatch
@@ -129,6 +132,9 @@ class TrainConfig:
     # run follows the same schedule
     lr_schedule: Literal["constant", "cosine"] = "constant"
     lr_final: float = 0.1
+    # epochs over which the rate climbs linearly to the schedule's (epoch e of N at (e+1)/(N+1)
+    # of it): the first updates, made before the advantages' running statistics settle, are small
+    lr_warmup: int = 0
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     # reward - k * std over the reward run's rater-head ensemble (over-optimisation guard; the
@@ -258,12 +264,16 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         raise UserError(f"select_min_gain={cfg.select_min_gain}: must be >= 0")
     if not 0.0 <= cfg.mean_blend <= 1.0:
         raise UserError(f"mean_blend={cfg.mean_blend}: a weight in [0, 1] (0: off)")
+    if cfg.lr_warmup < 0:
+        raise UserError(f"lr_warmup={cfg.lr_warmup}: epochs, >= 0")
     if not 0.0 <= cfg.lr_final <= 1.0:
         raise UserError(f"lr_final={cfg.lr_final}: a fraction of lr, in [0, 1]")
     if cfg.ddpo.gradient_accumulation < 1:
         raise UserError(
             f"ddpo.gradient_accumulation={cfg.ddpo.gradient_accumulation}: must be >= 1"
         )
+    if cfg.ddpo.stat_fallback not in ("taste", "batch"):
+        raise UserError(f"ddpo.stat_fallback={cfg.ddpo.stat_fallback!r}: use taste or batch")
     if not 0.0 <= cfg.conditioning.taste_dropout < 1.0:
         raise UserError(
             f"conditioning.taste_dropout={cfg.conditioning.taste_dropout}: must be in [0, 1)"

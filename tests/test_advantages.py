@@ -1,4 +1,4 @@
-"""Per-(prompt, taste) advantage normalisation with a global fallback for rare keys."""
+"""Per-(prompt, taste) advantage normalisation with a taste or batch fallback for rare keys."""
 
 import numpy as np
 import pytest
@@ -25,6 +25,28 @@ def test_rare_keys_fall_back_to_the_batch_statistics():
     assert adv[4] == pytest.approx((10.0 - batch_mean) / batch_std, rel=1e-4)
 
 
+def test_rare_keys_fall_back_to_their_groups_statistics_before_the_batchs():
+    """Two tastes on scales 10x apart, two images per (prompt, taste) key: against the whole
+    batch every image of the low-scored taste would get a negative advantage; against its own
+    taste's rewards its better images are positive."""
+    tracker = PerKeyStatTracker(buffer_size=100, min_count=4)
+    keys = np.array([0, 0, 1, 1, 2, 2, 3, 3])  # key = (prompt, taste); two prompts
+    groups = np.array([0, 0, 0, 0, 1, 1, 1, 1])  # the taste
+    rewards = np.array([1.0, 2.0, 3.0, 4.0, 10.0, 20.0, 30.0, 40.0])
+    batch = PerKeyStatTracker(buffer_size=100, min_count=4).update(keys, rewards)
+    assert (batch[:4] < 0).all()
+    adv = tracker.update(keys, rewards, groups)
+    np.testing.assert_allclose(adv[:4], (rewards[:4] - 2.5) / np.std(rewards[:4]), rtol=1e-5)
+    np.testing.assert_allclose(adv[:4], adv[4:], rtol=1e-5)
+    # a group seen too rarely itself uses the batch's statistics
+    lone = PerKeyStatTracker(buffer_size=100, min_count=4)
+    adv = lone.update(
+        np.array([0, 0, 0, 0, 5]), np.array([1.0, 2.0, 3.0, 4.0, 10.0]), np.array([0, 0, 0, 0, 1])
+    )
+    r = np.array([1.0, 2.0, 3.0, 4.0, 10.0])
+    assert adv[4] == pytest.approx((10.0 - r.mean()) / r.std(), rel=1e-4)
+
+
 def test_history_carries_over_epochs_and_round_trips():
     tracker = PerKeyStatTracker(buffer_size=4, min_count=1)
     tracker.update(np.array([3, 3]), np.array([0.0, 2.0]))
@@ -35,6 +57,19 @@ def test_history_carries_over_epochs_and_round_trips():
     assert clone.update(np.array([3]), np.array([1.0])) == pytest.approx(
         tracker.update(np.array([3]), np.array([1.0]))
     )
+    grouped = PerKeyStatTracker(buffer_size=4, min_count=3)
+    grouped.update(np.array([1, 2]), np.array([0.0, 2.0]), np.array([0, 0]))
+    clone = PerKeyStatTracker(buffer_size=4, min_count=3)
+    clone.load_state_dict(grouped.state_dict())
+    assert clone.update(np.array([1]), np.array([3.0]), np.array([0])) == pytest.approx(
+        grouped.update(np.array([1]), np.array([3.0]), np.array([0]))
+    )
+
+
+def test_a_checkpoint_from_before_the_group_fallback_still_loads():
+    tracker = PerKeyStatTracker(buffer_size=4, min_count=1)
+    tracker.load_state_dict({"3": [0.0, 2.0]})  # the old format: keys only
+    assert list(tracker.history[3]) == [0.0, 2.0] and not tracker.group_history
 
 
 def test_non_finite_rewards_are_refused():

@@ -173,3 +173,58 @@ def test_detach_restores_plain_cross_attention_and_forward_notices_missing_attac
     with torch.no_grad():
         plain = unet_forward(unet, None, latents, t, text, None)
         torch.testing.assert_close(plain, unet(latents, t, encoder_hidden_states=text).sample)
+
+
+def expert_token_conditioner(expert_tokens: bool = True) -> TasteConditioner:
+    config = TasteConditioningConfig(
+        taste_dim=TASTE_DIM,
+        n_tokens=2,
+        hidden=16,
+        out_dim=8,
+        experts=3,
+        expert_tokens=expert_tokens,
+    )
+    conditioner = TasteConditioner(config)
+    conditioner.set_experts(3.0 * torch.eye(3, TASTE_DIM))  # three well-separated clusters
+    return conditioner
+
+
+def test_expert_tokens_keep_one_clusters_update_off_the_others_tokens():
+    """With `expert_tokens`, a step on cluster 0's taste alone leaves clusters 1 and 2's tokens
+    all but unmoved (only their small gate on cluster 0's module); with one shared module
+    the same step moves theirs too."""
+    centroids = 3.0 * torch.eye(3, TASTE_DIM)
+    moved = {}
+    for expert_tokens in (True, False):
+        conditioner = expert_token_conditioner(expert_tokens)
+        with torch.no_grad():
+            before = conditioner(centroids)
+        opt = torch.optim.SGD(conditioner.parameters(), lr=0.5)
+        for _ in range(3):  # pull cluster 0's tokens toward ones
+            opt.zero_grad()
+            (conditioner(centroids[:1]) - 1).pow(2).mean().backward()
+            opt.step()
+        with torch.no_grad():
+            moved[expert_tokens] = (conditioner(centroids) - before).abs().mean((1, 2))
+    own, others = moved[True][0], moved[True][1:]
+    assert own > 0 and (others < 0.1 * own).all(), moved[True]
+    assert (moved[False][1:] > 0.2 * moved[False][0]).all(), moved[False]
+
+
+def test_expert_tokens_are_identity_at_init_round_trip_and_need_experts(tmp_path):
+    conditioner = expert_token_conditioner()
+    z = torch.randn(4, TASTE_DIM)
+    assert conditioner(z).abs().max() == 0  # every module's projection starts at zero
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in conditioner.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        expected = conditioner(z)
+    save_taste_conditioner(conditioner, tmp_path / "taste")
+    loaded = load_taste_conditioner(tmp_path / "taste")
+    assert loaded.config.expert_tokens
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z), expected)
+    config = TasteConditioningConfig(taste_dim=TASTE_DIM, out_dim=8, expert_tokens=True)
+    with pytest.raises(UserError, match="conditioning.expert_tokens=true .* needs lora.experts"):
+        TasteConditioner(config)

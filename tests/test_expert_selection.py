@@ -234,6 +234,49 @@ def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
         )
 
 
+def test_with_expert_tokens_a_restart_copies_the_taste_module_too(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "method=ddpo",
+        "lora.experts=true",
+        "conditioning.expert_tokens=true",
+        "epochs=1",
+        "restart_experts=true",
+        "restart_every=1",
+        "restart_min_gap=0",
+        "select_experts=false",
+    )
+    trainer = Trainer(cfg)
+    trainer.fit(progress=False)  # one epoch: every module and its Adam moments have moved
+    rigged = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [3.0, 0.0, 1.0]}
+
+    def held_out_images(taste):
+        images = torch.zeros(1)
+        images.made_for = 0 if taste is None else taste
+        return images
+
+    monkeypatch.setattr(trainer, "held_out_images", held_out_images)
+    monkeypatch.setattr(
+        trainer, "held_out_reward", lambda k, images=None: rigged[images.made_for][k]
+    )
+    modules = [trainer.conditioner.expert_module(k) for k in range(3)]
+    before = [[p.detach().clone() for p in m.parameters()] for m in modules]
+    assert any(not torch.equal(a, b) for a, b in zip(before[0], before[2]))
+    assert trainer.restart_experts()["restarted"] == {
+        trainer.taste_names[0]: trainer.taste_names[2]
+    }
+    state = trainer.optimizer.optimizer.state
+    for p0, p1, p2, old1 in zip(*(m.parameters() for m in modules), before[1]):
+        torch.testing.assert_close(p0, p2)
+        torch.testing.assert_close(p1, old1)
+        if p2 in state:
+            torch.testing.assert_close(state[p0]["exp_avg"], state[p2]["exp_avg"])
+
+
 def test_restart_experts_without_experts_is_a_one_line_error(toy_assets, reward_run, tmp_path):
     cfg = toy_config(
         toy_assets,

@@ -236,7 +236,7 @@ def test_sample_draws_its_initial_noise_on_the_generators_device(toy_assets, rew
     )
 
 
-def test_a_cosine_schedule_falls_from_lr_to_lr_final_and_follows_the_epoch(
+def test_a_cosine_schedule_warms_up_falls_from_lr_to_lr_final_and_follows_the_epoch(
     toy_assets, reward_run, tmp_path
 ):
     cfg = toy_config(
@@ -256,8 +256,29 @@ def test_a_cosine_schedule_falls_from_lr_to_lr_final_and_follows_the_epoch(
     trainer.epoch = 3  # as after a resume: the rate is the epoch's, not a counter's
     trainer.train_epoch()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rates[3])
+    warm = Trainer(
+        toy_config(
+            toy_assets,
+            reward_run,
+            tmp_path,
+            "lr=0.01",
+            "lr_schedule=cosine",
+            "lr_final=0.1",
+            "epochs=5",
+            "lr_warmup=3",
+        )
+    )
+    warm_rates = [warm.learning_rate(e) for e in range(5)]
+    assert warm_rates[:3] == pytest.approx([r * f for r, f in zip(rates, (0.25, 0.5, 0.75))])
+    assert warm_rates[3:] == pytest.approx(rates[3:])
+    bad = toy_config(toy_assets, reward_run, tmp_path, "lr_warmup=-1")
+    with pytest.raises(UserError, match="lr_warmup=-1"):
+        Trainer(bad)
     bad = toy_config(toy_assets, reward_run, tmp_path, "lr_final=1.5")
     with pytest.raises(UserError, match="lr_final=1.5"):
+        Trainer(bad)
+    bad = toy_config(toy_assets, reward_run, tmp_path, "ddpo.stat_fallback=prompt")
+    with pytest.raises(UserError, match="ddpo.stat_fallback='prompt': use taste or batch"):
         Trainer(bad)
 
 
@@ -325,3 +346,32 @@ def test_train_closes_the_trainer_when_training_stops_with_an_error(
     with pytest.raises(UserError, match="non-finite reward"):
         train(cfg)
     assert closed == [cfg.out_dir]
+
+
+@pytest.mark.parametrize("fallback", ["taste", "batch"])
+def test_ddpo_centres_a_rare_key_on_its_tastes_rewards_with_the_taste_fallback(
+    toy_assets, reward_run, tmp_path, fallback
+):
+    """In the first epochs every (prompt, taste) key has fewer rewards than
+    `ddpo.stat_min_count`. With `ddpo.stat_fallback=taste` each image is centred on its own
+    taste's rewards (a taste whose head scores low still gets positive advantages for its
+    better images); with `batch`, on every taste's rewards together."""
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "method=ddpo",
+        "ddpo.stat_min_count=3",
+        f"ddpo.stat_fallback={fallback}",
+    )
+    trainer = Trainer(cfg)
+    prompt = torch.tensor([0, 1, 0, 1, 0, 1])
+    taste = torch.tensor([0, 0, 0, 1, 1, 1])
+    reward = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
+    mean, std = trainer._key_stats(prompt, taste, reward)
+    if fallback == "taste":
+        expected = [2.0, 2.0, 2.0, 20.0, 20.0, 20.0]
+        assert std[0].item() == pytest.approx(reward[:3].std(unbiased=False).item(), rel=1e-4)
+    else:
+        expected = [11.0] * 6
+    assert mean.tolist() == pytest.approx(expected)
