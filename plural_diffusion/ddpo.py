@@ -560,9 +560,10 @@ class Trainer:
         # one key per (prompt, taste, asked for the null taste); see `draw_batch`
         keys = (prompt * 2 * len(self.taste_names) + taste).to(self.device)
         all_keys = self.accelerator.gather(keys).cpu().numpy()
-        all_tastes = self.accelerator.gather(taste.to(self.device)).cpu().numpy()
         all_rewards = self.accelerator.gather(reward.float()).cpu().numpy()
-        groups = all_tastes if self.cfg.ddpo.stat_fallback == "taste" else None
+        groups = None  # the same config on every rank: all gather alike
+        if self.cfg.ddpo.stat_fallback == "taste":
+            groups = self.accelerator.gather(taste.to(self.device)).cpu().numpy()
         mean, std = self.tracker.observe(all_keys, all_rewards, groups)
         n, rank = len(reward), self.accelerator.process_index
         mine = slice(rank * n, (rank + 1) * n)

@@ -239,16 +239,8 @@ def test_sample_draws_its_initial_noise_on_the_generators_device(toy_assets, rew
 def test_a_cosine_schedule_warms_up_falls_from_lr_to_lr_final_and_follows_the_epoch(
     toy_assets, reward_run, tmp_path
 ):
-    cfg = toy_config(
-        toy_assets,
-        reward_run,
-        tmp_path,
-        "lr=0.01",
-        "lr_schedule=cosine",
-        "lr_final=0.1",
-        "epochs=5",
-        "sampling.steps=2",
-    )
+    schedule = ("lr=0.01", "lr_schedule=cosine", "lr_final=0.1", "epochs=5")
+    cfg = toy_config(toy_assets, reward_run, tmp_path, *schedule, "sampling.steps=2")
     trainer = Trainer(cfg)
     rates = [trainer.learning_rate(e) for e in range(5)]
     assert rates[0] == pytest.approx(0.01) and rates[-1] == pytest.approx(0.001)
@@ -256,18 +248,7 @@ def test_a_cosine_schedule_warms_up_falls_from_lr_to_lr_final_and_follows_the_ep
     trainer.epoch = 3  # as after a resume: the rate is the epoch's, not a counter's
     trainer.train_epoch()
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(rates[3])
-    warm = Trainer(
-        toy_config(
-            toy_assets,
-            reward_run,
-            tmp_path,
-            "lr=0.01",
-            "lr_schedule=cosine",
-            "lr_final=0.1",
-            "epochs=5",
-            "lr_warmup=3",
-        )
-    )
+    warm = Trainer(toy_config(toy_assets, reward_run, tmp_path, *schedule, "lr_warmup=3"))
     warm_rates = [warm.learning_rate(e) for e in range(5)]
     assert warm_rates[:3] == pytest.approx([r * f for r, f in zip(rates, (0.25, 0.5, 0.75))])
     assert warm_rates[3:] == pytest.approx(rates[3:])
