@@ -371,11 +371,12 @@ class Trainer:
         idx = prompt.to(self.device)
         return self.prompt_embeds[idx], self.negative_embeds[idx]
 
-    def _sample_batch(self, batch: int, grad_last_steps: int = 0, policy=None):
+    def _sample_batch(self, batch: int, grad_last_steps: int = 0, policy=None, stochastic=None):
         """Draw a batch (`draw_batch`) and run the policy on it: prompt indices [B], taste
         indices [B], the tastes z it is scored for [B, d] | None, and the trajectory, with the
         graph kept through the last `grad_last_steps` steps (DRaFT). `policy`: another one
-        than the trainer's (a taste-blind one is asked for no taste)."""
+        than the trainer's (a taste-blind one is asked for no taste). `stochastic`: the steps
+        drawn with the sampler's eta (`_stochastic_window`), None for all."""
         policy = policy or self.policy
         prompt, taste, z, noise = self.draw_batch(batch)
         embeds, negative = self._embeds(prompt)
@@ -388,8 +389,30 @@ class Trainer:
                 noise=noise,
                 generator=self.generator,
                 grad_last_steps=grad_last_steps,
+                stochastic=stochastic,
             )
         return prompt, taste, z, traj
+
+    def _stochastic_window(self) -> torch.Tensor | None:
+        """bool [steps]: this epoch's stochastic steps under `ddpo.stochastic_window` (the
+        first N, or N consecutive ones drawn per epoch), None when every step is (N = 0, or
+        N >= the sampling steps)."""
+        ddpo, steps = self.cfg.ddpo, self.cfg.sampling.steps
+        if not 0 < ddpo.stochastic_window < steps:
+            return None
+        start = 0
+        if ddpo.window_start == "random":
+            # windows that end at or before the last step with noise (a final zero-variance
+            # step has no log-prob to train on)
+            scheduler = self.pipe.scheduler
+            scheduler.set_timesteps(steps, device=self.device)
+            mask = trainable_step_mask(scheduler, None, self.cfg.sampling.eta)
+            last = int(mask.nonzero().max())
+            span = max(1, last - ddpo.stochastic_window + 2)
+            start = int(torch.randint(span, (1,), generator=self.generator))
+        window = torch.zeros(steps, dtype=torch.bool)
+        window[start : start + ddpo.stochastic_window] = True
+        return window
 
     def _reward(self, images, z, taste):
         """The reward of each image for the taste it was generated for, [B] (taste: indices
@@ -442,9 +465,12 @@ class Trainer:
         # ---- 1. sampling
         self.unet.eval()
         batches = []
+        window = self._stochastic_window()
         for _ in range(ddpo.sample_batches):
             with torch.no_grad():
-                prompt, taste, z, traj = self._sample_batch(ddpo.sample_batch_size)
+                prompt, taste, z, traj = self._sample_batch(
+                    ddpo.sample_batch_size, stochastic=window
+                )
             # ---- 2. rewards: each image scored by the head for the taste it was asked for
             with torch.no_grad():
                 reward = self._reward(traj.images, z, taste)
@@ -465,7 +491,10 @@ class Trainer:
         negative = torch.cat([b[2].negative_embeds for b in batches])
         z_all = None if self.tastes is None else torch.cat([b[4] for b in batches])
         timesteps = batches[0][2].timesteps
-        trainable = trainable_step_mask(scheduler, timesteps, cfg.sampling.eta).nonzero().flatten()
+        trainable = trainable_step_mask(scheduler, timesteps, cfg.sampling.eta)
+        if window is not None:
+            trainable &= window.to(trainable.device)
+        trainable = trainable.nonzero().flatten()
         n_train_steps = max(1, int(math.ceil(ddpo.timestep_fraction * len(trainable))))
 
         # ---- 4. training: PPO-clipped ratio of new to old log-probs, summed over the steps

@@ -317,6 +317,7 @@ class TastePolicy:
         sampling: SamplingConfig | None = None,
         negative_prompt: str | None = None,
         grad_last_steps: int = 0,
+        stochastic: torch.Tensor | None = None,
     ) -> Trajectory:
         """Run the policy from noise to images (`plural_diffusion.sampling.sample`).
 
@@ -329,6 +330,8 @@ class TastePolicy:
             noise of each of its DDIM steps, so an image does not depend on its batch).
         sampling: steps, guidance scale and eta; default the trained ones (else the defaults).
         grad_last_steps: K > 0 keeps the graph through the last K steps and the decoder.
+        stochastic: bool [steps], the steps drawn with the sampler's eta (the others with eta
+            0); None: every step (DDPO's `ddpo.stochastic_window`).
         """
         if (prompts is None) == (prompt_embeds is None):
             raise ValueError("pass prompts or prompt_embeds (with negative_embeds), not both")
@@ -358,6 +361,7 @@ class TastePolicy:
             generator=generator,
             init_latents=noise,
             grad_last_steps=grad_last_steps,
+            stochastic=stochastic,
         )
 
     def __repr__(self) -> str:

@@ -93,6 +93,7 @@ def sample(
     generator: torch.Generator | None = None,
     init_latents: torch.Tensor | None = None,
     grad_last_steps: int = 0,
+    stochastic: torch.Tensor | None = None,
 ) -> Trajectory:
     """Run the DDIM policy from noise to images.
 
@@ -100,6 +101,8 @@ def sample(
         steps and the decoder (DRaFT-K / AlignProp-style reward backpropagation).
     init_latents: [B, C, h, w] x_T; drawn from `generator` when None (on the generator's
         device, then moved: a CPU generator gives the same noise on every device).
+    stochastic: bool [T], the steps drawn with `cfg.eta`; the others are deterministic DDIM
+        (eta 0, log-prob 0). None: every step with `cfg.eta`.
     """
     batch = prompt_embeds.shape[0]
     scheduler.set_timesteps(cfg.steps, device=prompt_embeds.device)
@@ -124,8 +127,9 @@ def sample(
                 taste,
                 cfg.guidance_scale,
             )
+            eta = cfg.eta if stochastic is None or stochastic[i] else 0.0
             latents, log_prob = ddim_step_with_logprob(
-                scheduler, noise_pred, t, latents, eta=cfg.eta, generator=generator
+                scheduler, noise_pred, t, latents, eta=eta, generator=generator
             )
         all_latents.append(latents.detach())
         log_probs.append(log_prob.detach())

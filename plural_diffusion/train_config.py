@@ -70,6 +70,16 @@ class DDPOSettings:
     # a rare key's fallback: "taste" (its taste's rewards over every prompt, then the batch's)
     # or "batch" (the whole batch's, every taste together, as DDPO's per-prompt tracker does)
     stat_fallback: str = "batch"
+    # stochastic window: 0 samples every denoising step with `sampling.eta` (DDPO's reference).
+    # N > 0 makes only N consecutive steps of each epoch's samples stochastic (all of them when
+    # N >= sampling.steps) and the rest deterministic DDIM (eta 0), and trains on those N
+    # (times `timestep_fraction`): the
+    # reward then varies only with the noise of the steps that are credited for it, so an
+    # advantage carries less noise from steps the update never sees
+    stochastic_window: int = 0
+    # where the window sits: "first" (the N noisiest steps, where an image's layout and colours
+    # are decided) or "random" (drawn per epoch)
+    window_start: str = "first"
     kl_weight: float = 0.0  # KL-to-base penalty (base = same UNet, adapter disabled)
     # train minibatches per optimizer step (their gradients are summed, then one step). DDPO's
     # reference takes few, large steps per epoch; 1 = a step per minibatch
@@ -272,6 +282,12 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         raise UserError(
             f"ddpo.gradient_accumulation={cfg.ddpo.gradient_accumulation}: must be >= 1"
         )
+    if cfg.ddpo.stochastic_window < 0:
+        raise UserError(
+            f"ddpo.stochastic_window={cfg.ddpo.stochastic_window}: steps, >= 0 (0: every step)"
+        )
+    if cfg.ddpo.window_start not in ("first", "random"):
+        raise UserError(f"ddpo.window_start={cfg.ddpo.window_start!r}: use first or random")
     if cfg.ddpo.stat_fallback not in ("taste", "batch"):
         raise UserError(f"ddpo.stat_fallback={cfg.ddpo.stat_fallback!r}: use taste or batch")
     if not 0.0 <= cfg.conditioning.taste_dropout < 1.0:

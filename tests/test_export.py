@@ -23,9 +23,9 @@ PROMPT = "an image of one circle"
 SEEDS = [3, 8]
 
 
-def saved_policy(base, out, mode: str | None, experts: int = 0):
-    """A trained-looking policy (random LoRA, random taste module) saved as a checkpoint; mode
-    None: taste-blind."""
+def saved_policy(base, out, mode: str | None, experts: int = 0, lora_scale: float = 0.05):
+    """A trained-looking policy (random LoRA, its B matrices at `lora_scale`, random taste
+    module) saved as a checkpoint; mode None: taste-blind."""
     torch.manual_seed(0)
     pipe = load_pipeline(base)
     add_lora(pipe.unet, rank=2 * max(experts, 1), alpha=2 * max(experts, 1))
@@ -39,7 +39,7 @@ def saved_policy(base, out, mode: str | None, experts: int = 0):
     with torch.no_grad():
         for name, p in pipe.unet.named_parameters():
             if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape))
+                p.copy_(lora_scale * torch.randn(p.shape))
         if conditioner is not None:
             conditioner.proj_out.weight.copy_(0.5 * torch.randn(conditioner.proj_out.weight.shape))
             conditioner.null.copy_(torch.randn(8))
@@ -83,7 +83,9 @@ def ours_and_plain_diffusers(checkpoint, exported) -> tuple[torch.Tensor, torch.
 
 
 def test_a_taste_blind_policy_exports_exactly(toy_assets, tmp_path, capsys):
-    checkpoint = saved_policy(toy_assets.base, tmp_path / "ckpt", mode=None)
+    # a LoRA large enough to move the images of any toy base (at 0.05 one machine's base
+    # moved by 0.005 only)
+    checkpoint = saved_policy(toy_assets.base, tmp_path / "ckpt", mode=None, lora_scale=0.3)
     code, printed = run(["export", "--checkpoint", str(checkpoint), str(tmp_path / "out")], capsys)
     assert code == 0, printed.err
     ours, plain = ours_and_plain_diffusers(checkpoint, tmp_path / "out")

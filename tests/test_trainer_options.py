@@ -356,3 +356,101 @@ def test_ddpo_centres_a_rare_key_on_its_tastes_rewards_with_the_taste_fallback(
     else:
         expected = [11.0] * 6
     assert mean.tolist() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("start", ["first", "random"])
+def test_ddpo_stochastic_window_draws_noise_and_trains_only_inside_it(
+    toy_assets, reward_run, tmp_path, monkeypatch, start
+):
+    """`ddpo.stochastic_window=N`: N consecutive steps of an epoch's samples are drawn with
+    the sampler's eta, the rest deterministically (log-prob 0), and the update trains on
+    exactly those N steps."""
+    import plural_diffusion.ddpo as ddpo_module
+
+    trainer = Trainer(
+        ddpo_args(
+            toy_assets,
+            reward_run,
+            tmp_path,
+            "sampling.steps=6",
+            "ddpo.stochastic_window=2",
+            f"ddpo.window_start={start}",
+        )
+    )
+    trajectories, trained = [], []
+    sample_batch = trainer._sample_batch
+
+    def keep(*args, **kwargs):
+        out = sample_batch(*args, **kwargs)
+        trajectories.append(out[3])
+        return out
+
+    step = ddpo_module.ddim_step_with_logprob
+
+    def record(scheduler, noise_pred, t, *args, **kwargs):
+        trained.append(int(t))
+        return step(scheduler, noise_pred, t, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "_sample_batch", keep)
+    monkeypatch.setattr(ddpo_module, "ddim_step_with_logprob", record)
+    for _ in range(3):
+        trajectories.clear()
+        trained.clear()
+        trainer.train_epoch()
+        (traj,) = trajectories
+        noisy = (traj.log_probs != 0).all(dim=0)  # [T]: steps with a log-prob in every row
+        assert noisy.sum() == 2 and (traj.log_probs[:, ~noisy] == 0).all()
+        first = int(noisy.nonzero()[0])
+        assert noisy[first : first + 2].all()
+        if start == "first":
+            assert first == 0
+        assert set(trained) == {int(t) for t in traj.timesteps[noisy]}
+
+
+def test_deterministic_steps_do_not_depend_on_the_generator(toy_assets, reward_run, tmp_path):
+    trainer = Trainer(toy_config(toy_assets, reward_run, tmp_path, "sampling.steps=6"))
+    prompt, _, z, noise = trainer.draw_batch(3)
+    embeds, negative = trainer._embeds(prompt)
+    window = torch.tensor([False, False, False, True, True, False])
+    runs = []
+    for seed in (1, 2):
+        with torch.no_grad():
+            runs.append(
+                trainer.policy.sample(
+                    prompt_embeds=embeds,
+                    negative_embeds=negative,
+                    tastes=z,
+                    noise=noise,
+                    generator=torch.Generator().manual_seed(seed),
+                    stochastic=window,
+                )
+            )
+    a, b = runs
+    # x_T .. x_3 come from deterministic steps: the same for both generators
+    torch.testing.assert_close(a.latents[:, :4], b.latents[:, :4])
+    assert not torch.allclose(a.latents[:, 4], b.latents[:, 4])  # the window's noise
+    assert (a.log_probs[:, ~window] == 0).all() and (a.log_probs[:, window] != 0).all()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("ddpo.stochastic_window=-1", "ddpo.stochastic_window=-1: steps, >= 0"),
+        ("ddpo.window_start=last", "use first or random"),
+    ],
+)
+def test_a_stochastic_window_that_cannot_apply_stops_with_a_one_line_error(
+    toy_assets, reward_run, tmp_path, option, message
+):
+    with pytest.raises(UserError, match=message):
+        Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "sampling.steps=6", option))
+
+
+def test_a_window_as_long_as_the_sampler_makes_every_step_stochastic(
+    toy_assets, reward_run, tmp_path
+):
+    for window in (0, 6, 10):
+        cfg = ddpo_args(
+            toy_assets, reward_run, tmp_path, "sampling.steps=6", f"ddpo.stochastic_window={window}"
+        )
+        assert Trainer(cfg)._stochastic_window() is None
