@@ -73,9 +73,8 @@ class DDPOSettings:
     # stochastic window: 0 samples every denoising step with `sampling.eta` (DDPO's reference).
     # N > 0 makes only N consecutive steps of each epoch's samples stochastic (all of them when
     # N >= sampling.steps) and the rest deterministic DDIM (eta 0), and trains on those N
-    # (times `timestep_fraction`): the
-    # reward then varies only with the noise of the steps that are credited for it, so an
-    # advantage carries less noise from steps the update never sees
+    # (times `timestep_fraction`): the reward then varies only with the noise of the steps that
+    # are credited for it, so an advantage carries less noise from steps the update never sees
     stochastic_window: int = 0
     # where the window sits: "first" (the N noisiest steps, where an image's layout and colours
     # are decided) or "random" (drawn per epoch)
