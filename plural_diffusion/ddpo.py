@@ -481,7 +481,7 @@ class Trainer:
         prompt = torch.cat([b[0] for b in batches])
         taste = torch.cat([b[1] for b in batches])
         reward = torch.cat([b[3] for b in batches]).float()
-        mean, std = self._key_stats(prompt, taste, reward)
+        mean, std = self._key_stats(prompt, taste, reward, ddpo.stat_fallback)
         advantages = ((reward - mean) / std).clamp(-ddpo.adv_clip_max, ddpo.adv_clip_max)
         n = len(reward)
 
@@ -582,16 +582,16 @@ class Trainer:
             )
         return gap
 
-    def _key_stats(self, prompt, taste, reward):
+    def _key_stats(self, prompt, taste, reward, fallback: str = "batch"):
         """Each sample's (prompt, taste) key's running reward (mean, std), [B] each, from the
         rewards of every process (gathered, so all ranks normalise alike). A key seen too rarely
-        uses its taste's statistics (`ddpo.stat_fallback=taste`) or the batch's."""
+        uses its taste's statistics (`fallback="taste"`) or the batch's."""
         # one key per (prompt, taste, asked for the null taste); see `draw_batch`
         keys = (prompt * 2 * len(self.taste_names) + taste).to(self.device)
         all_keys = self.accelerator.gather(keys).cpu().numpy()
         all_rewards = self.accelerator.gather(reward.float()).cpu().numpy()
         groups = None  # the same config on every rank: all gather alike
-        if self.cfg.ddpo.stat_fallback == "taste":
+        if fallback == "taste":
             groups = self.accelerator.gather(taste.to(self.device)).cpu().numpy()
         mean, std = self.tracker.observe(all_keys, all_rewards, groups)
         n, rank = len(reward), self.accelerator.process_index
@@ -623,6 +623,8 @@ class Trainer:
             reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")
             if draft.normalize:
+                # the batch's std for a rare key, whatever DDPO's advantages fall back to: DRaFT's
+                # normalisation was measured with it (see README)
                 _, std = self._key_stats(prompt, taste, reward.detach())
                 loss = -(reward / std).mean()
             else:

@@ -349,13 +349,32 @@ def test_ddpo_centres_a_rare_key_on_its_tastes_rewards_with_the_taste_fallback(
     prompt = torch.tensor([0, 1, 0, 1, 0, 1])
     taste = torch.tensor([0, 0, 0, 1, 1, 1])
     reward = torch.tensor([1.0, 2.0, 3.0, 10.0, 20.0, 30.0])
-    mean, std = trainer._key_stats(prompt, taste, reward)
+    mean, std = trainer._key_stats(prompt, taste, reward, cfg.ddpo.stat_fallback)
     if fallback == "taste":
         expected = [2.0, 2.0, 2.0, 20.0, 20.0, 20.0]
         assert std[0].item() == pytest.approx(reward[:3].std(unbiased=False).item(), rel=1e-4)
     else:
         expected = [11.0] * 6
     assert mean.tolist() == pytest.approx(expected)
+
+
+def test_draft_normalises_a_rare_key_by_the_batch_whatever_ddpos_fallback(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    """`ddpo.stat_fallback` is DDPO's: DRaFT's reward normalisation keeps the batch's std for a
+    rare key (as measured), so a config that sets it for DDPO trains DRaFT alike."""
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "method=draft", "ddpo.stat_fallback=taste")
+    trainer = Trainer(cfg)
+    seen = []
+    observe = trainer.tracker.observe
+
+    def record(keys, rewards, groups=None):
+        seen.append(groups)
+        return observe(keys, rewards, groups)
+
+    monkeypatch.setattr(trainer.tracker, "observe", record)
+    trainer.train_epoch()
+    assert seen and all(groups is None for groups in seen)
 
 
 @pytest.mark.parametrize("start", ["first", "random"])
