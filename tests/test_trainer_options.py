@@ -473,3 +473,68 @@ def test_a_window_as_long_as_the_sampler_makes_every_step_stochastic(
             toy_assets, reward_run, tmp_path, "sampling.steps=6", f"ddpo.stochastic_window={window}"
         )
         assert Trainer(cfg)._stochastic_window() is None
+
+
+def test_progress_allocation_gives_the_taste_furthest_from_its_heads_reach_more_samples(
+    toy_assets, reward_run, tmp_path
+):
+    """`ddpo.taste_allocation=progress`: a taste whose samples score far below its head's reach
+    (its 99th percentile over the rated images) gets more of the next epoch's samples, one at
+    its reach only its equal part's remainder; the first epoch, with nothing seen, is uniform.
+    The shares follow the logged rewards, so a resumed run draws as an uninterrupted one."""
+    cfg = ddpo_args(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "ddpo.taste_allocation=progress",
+        "ddpo.allocation_mix=0.5",
+        "ddpo.sample_batch_size=12",
+    )
+    trainer = Trainer(cfg)
+    names = trainer.taste_names
+    assert trainer._taste_shares().tolist() == pytest.approx([1 / 3] * 3)
+    log = trainer.train_epoch()
+    assert log["allocation"]["shares"] == pytest.approx(dict.fromkeys(names, 1 / 3))
+    assert {n: e["n"] for n, e in log["per_taste"].items()} == dict.fromkeys(names, 4)
+    assert set(log["allocation"]["reward"]) == set(names)
+
+    reach, spread = trainer.head_reach, trainer.reach_spread
+    seen = {names[0]: reach[0] - 2 * spread[0], names[1]: reach[1], names[2]: reach[2] + 1.0}
+    trainer.history = [{"allocation": {"reward": {n: float(r) for n, r in seen.items()}}}]
+    shares = trainer._taste_shares()
+    assert shares.tolist() == pytest.approx([1 / 6 + 1 / 2, 1 / 6, 1 / 6])
+    # a running mean: the next epoch's rewards count half
+    trainer.history.append({"allocation": {"reward": {names[0]: float(reach[0])}}})
+    assert trainer._taste_shares()[0] > 1 / 3  # still behind: (reach - 1 std) after halving
+    trainer.shares = shares
+    _, taste, _, _ = trainer.draw_batch(12)
+    assert torch.bincount(taste, minlength=3).tolist() == [8, 2, 2]
+
+
+def test_progress_allocation_leaves_a_taste_blind_policy_and_draft_alone(
+    toy_assets, reward_run, tmp_path
+):
+    for extra in (["objective=mean"], ["method=draft"]):
+        cfg = toy_config(toy_assets, reward_run, tmp_path, "ddpo.taste_allocation=progress", *extra)
+        trainer = Trainer(cfg)
+        assert trainer.head_reach is None and trainer._taste_shares() is None
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["ddpo.taste_allocation=share"], "ddpo.taste_allocation='share': use uniform or"),
+        (["ddpo.allocation_mix=1.5"], r"ddpo.allocation_mix=1.5: a share, in \[0, 1\]"),
+        (
+            ["taste.source=raters", "lora.experts=false"]
+            + ["select_experts=false", "restart_experts=false"],
+            "taste.source=raters has one taste per rater; use taste.source=clusters",
+        ),
+    ],
+)
+def test_a_taste_allocation_that_cannot_apply_stops_with_a_one_line_error(
+    toy_assets, reward_run, tmp_path, options, message
+):
+    cfg = ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.taste_allocation=progress", *options)
+    with pytest.raises(UserError, match=message):
+        Trainer(cfg)
