@@ -46,7 +46,6 @@ from plural_diffusion.expert_selection import (
     pick_best,
     with_expert_block,
 )
-from plural_diffusion.lottery import lottery_counts
 from plural_diffusion.policy import TastePolicy
 from plural_diffusion.rewards import NeedAssignment, TasteRewards
 from plural_diffusion.sampling import guided_noise
@@ -70,10 +69,6 @@ SELECTED_DIR = "selected"  # checkpoints/selected: the per-taste expert selectio
 # fp16: the loss scaler skips a step whose gradients overflow and halves the scale; this many
 # skips in a row means the gradients are non-finite at any scale
 MAX_SKIPPED_STEPS = 20
-
-
-# ddpo.taste_allocation=progress: a head's reach, this quantile of its scores over the rated images
-REACH_QUANTILE = 0.99
 
 
 class Trainer:
@@ -217,20 +212,6 @@ class Trainer:
                     f"restart_experts=true scales each head by its spread over the reward run's "
                     f"rated images, which did not load ({error}); set restart_experts=false"
                 ) from None
-        # ddpo.taste_allocation=progress: each cluster head's reach and std over the rated
-        # images [K] (`_taste_shares`), and this epoch's share of the samples per taste [K]
-        self.head_reach = self.reach_spread = self.shares = None
-        if self._allocates_by_progress():
-            try:
-                rated = self.rewards.rated_cluster_scores()
-            except UserError as error:
-                raise UserError(
-                    f"ddpo.taste_allocation=progress measures each head's reach over the reward "
-                    f"run's rated images, which did not load ({error}); set "
-                    "ddpo.taste_allocation=uniform"
-                ) from None
-            self.head_reach = rated.quantile(REACH_QUANTILE, dim=0).cpu()
-            self.reach_spread = rated.std(dim=0).clamp(min=1e-6).cpu()
         self.base_similarity = None
         if (
             cfg.method == "draft"
@@ -345,13 +326,7 @@ class Trainer:
         n_tastes = len(self.taste_names)
         per_cluster = self.cfg.taste.source in ("clusters", "latents")
         grouped = self.cfg.taste.grouped and self.tastes is not None and per_cluster
-        if self.shares is not None:  # ddpo.taste_allocation=progress: stratified, no groups
-            prompt = torch.randint(len(self.cfg.prompts), (batch,), generator=g)
-            counts = lottery_counts(batch, self.shares)
-            drawn = torch.cat([torch.full((c,), k) for k, c in enumerate(counts)])
-            taste = drawn[torch.randperm(batch, generator=g)]
-            noise = torch.randn((batch, *self._latent_shape()), generator=g)
-        elif grouped:
+        if grouped:
             prompt, taste, noise = self.pending
             if (missing := batch - len(prompt)) > 0:
                 groups = -(-missing // n_tastes)
@@ -489,7 +464,6 @@ class Trainer:
 
         # ---- 1. sampling
         self.unet.eval()
-        self.shares = self._taste_shares()
         batches = []
         window = self._stochastic_window()
         for _ in range(ddpo.sample_batches):
@@ -592,64 +566,7 @@ class Trainer:
         stats = {name: [value.item() / n_terms] for name, value in totals.items()}
         stats["optimizer_steps"] = [updates]
         stats["logprob_gap"] = [self._check_logprob_gap(gap.item())]
-        log = self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
-        if self.shares is not None:
-            log["allocation"] = self._allocation_log(reward, taste)
-        return log
-
-    # ------------------------------------------------------------------ taste allocation
-    def _allocates_by_progress(self) -> bool:
-        cfg = self.cfg
-        return (
-            cfg.method == "ddpo"
-            and cfg.objective == "matched"
-            and cfg.ddpo.taste_allocation == "progress"
-            and len(self.taste_names) > 1
-        )
-
-    def _taste_shares(self) -> torch.Tensor | None:
-        """[K] this epoch's share of the samples per taste under ddpo.taste_allocation=progress
-        (None otherwise): `allocation_mix` of them by each taste's headroom, (reach - reward) /
-        std of its head over the rated images (clamped at 0), where reward is a running mean
-        (halved each epoch) of the taste's samples' rewards in the epochs so far; the rest in
-        equal parts. From the history, so a resumed run allocates as an uninterrupted one."""
-        if self.head_reach is None:
-            return None
-        names = self.taste_names
-        uniform = torch.full((len(names),), 1.0 / len(names))
-        running = None
-        for h in self.history:
-            seen = h.get("allocation", {}).get("reward")
-            if seen is None:
-                continue
-            x = torch.tensor([seen.get(n, math.nan) for n in names])
-            running = x if running is None else torch.where(x.isnan(), running, (running + x) / 2)
-        if running is None:
-            return uniform
-        headroom = ((self.head_reach - running) / self.reach_spread).nan_to_num(0.0).clamp(min=0)
-        if headroom.sum() <= 0:
-            return uniform
-        mix = self.cfg.ddpo.allocation_mix
-        return (1 - mix) * uniform + mix * headroom / headroom.sum()
-
-    def _allocation_log(self, reward: torch.Tensor, taste: torch.Tensor) -> dict:
-        """This epoch's shares and each taste's mean reward over every process's samples (the
-        next epochs' shares are computed from these, alike on every rank)."""
-        k = len(self.taste_names)
-        cluster = (taste % k).to(self.device)
-        sums = torch.zeros(k, device=self.device).index_add_(0, cluster, reward.float())
-        counts = torch.zeros(k, device=self.device).index_add_(
-            0, cluster, torch.ones_like(reward, dtype=torch.float32)
-        )
-        sums, counts = self.accelerator.reduce(sums, "sum"), self.accelerator.reduce(counts, "sum")
-        return {
-            "shares": dict(zip(self.taste_names, self.shares.tolist())),
-            "reward": {
-                n: (sums[i] / counts[i]).item()
-                for i, n in enumerate(self.taste_names)
-                if counts[i] > 0
-            },
-        }
+        return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
 
     def _check_logprob_gap(self, gap: float) -> float:
         """Warn (once per run) when the first update's recomputed log-probs differ from the

@@ -97,7 +97,6 @@ POLICY_CODE = (
     "plural_diffusion.ddim",
     "plural_diffusion.ddpo",
     "plural_diffusion.expert_selection",
-    "plural_diffusion.lottery",
     "plural_diffusion.rewards",
     "plural_diffusion.sampling",
     "plural_diffusion.train_config",

@@ -137,14 +137,8 @@ class TasteRewards:
 
     @torch.no_grad()
     def rated_cluster_spread(self) -> torch.Tensor:
-        """[K] the std of each cluster's utility over the images the reward run's raters rated:
-        each head's own scale."""
-        return self.rated_cluster_scores().std(dim=0)
-
-    @torch.no_grad()
-    def rated_cluster_scores(self) -> torch.Tensor:
-        """[N, K] each cluster's utility of the N images the reward run's raters rated (its
-        data.path; features from the run's feature cache)."""
+        """[K] the std of each cluster's utility over the images the reward run's raters rated
+        (its data.path; features from the run's feature cache): each head's own scale."""
         cfg = self.run.cfg
         data = load_data(cfg.data)
         root = data.tables()[0].image_root
@@ -152,7 +146,7 @@ class TasteRewards:
         cache_dir = cfg.clip.cache_dir or self.run_dir.parent / "features"  # as training's
         feats = FeatureCache(cache_dir, self.encoder).features(images, cfg.clip.batch_size)
         scores = torch.cat([self.cluster_scores(f) for f in feats.to(self.device).split(1024)])
-        return scores.float()
+        return scores.float().std(dim=0)
 
     @torch.no_grad()
     def calibrate(self, images: torch.Tensor) -> None:

@@ -83,16 +83,6 @@ class DDPOSettings:
     # train minibatches per optimizer step (their gradients are summed, then one step). DDPO's
     # reference takes few, large steps per epoch; 1 = a step per minibatch
     gradient_accumulation: int = 1
-    # how each epoch's samples are shared among the taste clusters (objective=matched):
-    # "uniform" (round-robin, in groups: taste.grouped), or "progress": a share
-    # `allocation_mix` of them by each taste's distance to its head's reach, the rest in equal
-    # parts. The distance is from its samples' reward so far (a running mean over the epochs)
-    # to the 99th percentile of its head's scores over the reward run's rated images, in that
-    # head's std there. Each taste's LoRA expert learns from its own samples only, so a taste
-    # still far from its reach gets more of them, one already there fewer. Each image then
-    # has its own prompt and initial noise (no groups)
-    taste_allocation: str = "uniform"
-    allocation_mix: float = 0.5
 
 
 @dataclass
@@ -297,23 +287,6 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         )
     if cfg.ddpo.window_start not in ("first", "random"):
         raise UserError(f"ddpo.window_start={cfg.ddpo.window_start!r}: use first or random")
-    if cfg.ddpo.taste_allocation not in ("uniform", "progress"):
-        raise UserError(
-            f"ddpo.taste_allocation={cfg.ddpo.taste_allocation!r}: use uniform or progress"
-        )
-    if not 0.0 <= cfg.ddpo.allocation_mix <= 1.0:
-        raise UserError(f"ddpo.allocation_mix={cfg.ddpo.allocation_mix}: a share, in [0, 1]")
-    if (
-        cfg.method == "ddpo"
-        and cfg.objective == "matched"
-        and cfg.ddpo.taste_allocation == "progress"
-        and taste.source == "raters"
-    ):
-        raise UserError(
-            "ddpo.taste_allocation=progress shares samples among taste clusters, and "
-            "taste.source=raters has one taste per rater; use taste.source=clusters, or "
-            "ddpo.taste_allocation=uniform"
-        )
     if cfg.ddpo.stat_fallback not in ("taste", "batch"):
         raise UserError(f"ddpo.stat_fallback={cfg.ddpo.stat_fallback!r}: use taste or batch")
     if not 0.0 <= cfg.conditioning.taste_dropout < 1.0:
