@@ -69,6 +69,14 @@ class PerKeyStatTracker:
                 mean[mask], std[mask] = fallback.get(group, fallback[None])
         return mean, std
 
+    def forget(self, keys, groups=()) -> None:
+        """Drop the history of `keys` and `groups`: their next rewards start it afresh (fewer
+        than `min_count` fall back to their group's, then the batch's, as at the start)."""
+        for key in keys:
+            self.history.pop(int(key), None)
+        for group in groups:
+            self.group_history.pop(int(group), None)
+
     def state_dict(self) -> dict:
         return {
             "keys": {str(k): list(v) for k, v in self.history.items()},

@@ -86,8 +86,10 @@ class TasteConditioningConfig:
     # what each cluster's own expert adds
     shared_expert: bool = False
     # each taste cluster's own taste module (MLP and output projection), mixed by the same gates
-    # as the LoRA experts: no taste's update moves another cluster's tokens (needs `experts`)
-    expert_tokens: bool = False
+    # as the LoRA experts: no taste's update moves another cluster's tokens (needs `experts`).
+    # None, in a training config: the method's own, on for DDPO with LoRA experts and off for
+    # DRaFT (see README); a built conditioner has True or False
+    expert_tokens: bool | None = None
 
 
 class TasteEmbeddingSlot(nn.Module):
@@ -286,15 +288,19 @@ class TasteConditioner(nn.Module):
         drop = (torch.rand(z.shape[0], generator=generator, device=where) < p).to(z.device)
         return torch.where(drop[:, None], self.null_taste(z.shape[0]).to(z.dtype), z)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """z [B, taste_dim] -> [B, n_tokens, out_dim] ("tokens") or [B, out_dim] ("timestep")."""
+    def forward(self, z: torch.Tensor, route: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, taste_dim] -> [B, n_tokens, out_dim] ("tokens") or [B, out_dim] ("timestep").
+        route [B, taste_dim]: with `expert_tokens`, the tastes whose modules make each row's
+        tokens (default z), as for the LoRA experts: CFG's unconditional half is the null taste
+        routed through the asked taste's module, so no other cluster's module moves it."""
         if z.ndim != 2 or z.shape[1] != self.config.taste_dim:
             raise UserError(
                 f"taste vectors have shape {tuple(z.shape)}; expected [B, {self.config.taste_dim}]"
             )
         h = z.to(self.null.dtype)
         if self.config.expert_tokens:
-            gates = expert_gates(z, self.expert_centroids, self.expert_temperature)
+            route = z if route is None else route
+            gates = expert_gates(route, self.expert_centroids, self.expert_temperature)
             modules = [self.expert_module(k) for k in range(self.config.experts)]
             per_expert = torch.stack([m(h) for m in modules], dim=1)  # [B, E, n_out]
             out = (gates.to(per_expert.dtype)[..., None] * per_expert).sum(1)
@@ -411,7 +417,7 @@ def unet_forward(
             )
         if cfg.experts:
             set_gate(inner, conditioner.gates(z if route is None else route, batch))
-        taste = conditioner(conditioner.null_taste(batch) if z is None else z)
+        taste = conditioner(conditioner.null_taste(batch) if z is None else z, route=route)
         if cfg.mode == "tokens":
             taste = taste.to(encoder_hidden_states.dtype)  # [B, n, C]
             encoder_hidden_states = torch.cat([encoder_hidden_states, taste], dim=1)

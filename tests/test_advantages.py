@@ -85,3 +85,22 @@ def test_observe_gives_the_statistics_update_normalises_with():
     np.testing.assert_allclose(mean, [2, 2, 2, 30, 30, 30])
     np.testing.assert_allclose(std[[0, 3]], [np.std([1, 2, 3]), np.std([10, 30, 50])], rtol=1e-5)
     np.testing.assert_allclose(b.update(keys, rewards), (rewards - mean) / std)
+
+
+def test_a_forgotten_key_and_group_start_their_history_afresh():
+    """What a restarted taste needs: against its old, lower history every new reward would be
+    above the mean; forgotten, its rewards are centred on themselves, and the others keep
+    theirs."""
+    tracker = PerKeyStatTracker(buffer_size=100, min_count=2)
+    keys, groups = np.array([0, 0, 1, 1]), np.array([0, 0, 1, 1])
+    tracker.update(keys, np.array([1.0, 2.0, 5.0, 6.0]), groups)
+    stale = PerKeyStatTracker(buffer_size=100, min_count=2)
+    stale.load_state_dict(tracker.state_dict())
+    tracker.forget([0], [0])
+    assert 0 not in tracker.history and 0 not in tracker.group_history
+    new = np.array([8.0, 9.0, 5.0, 6.0])
+    fresh, old = tracker.update(keys, new, groups), stale.update(keys, new, groups)
+    assert (old[:2] > 0).all()  # the stale history: both images reinforced
+    np.testing.assert_allclose(fresh[:2], [-1.0, 1.0], rtol=1e-5)
+    np.testing.assert_allclose(fresh[2:], old[2:])  # key 1 untouched
+    tracker.forget([42], [42])  # unknown keys: nothing to drop

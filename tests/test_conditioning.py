@@ -211,6 +211,32 @@ def test_expert_tokens_keep_one_clusters_update_off_the_others_tokens():
     assert (moved[False][1:] > 0.2 * moved[False][0]).all(), moved[False]
 
 
+def test_expert_tokens_route_the_null_taste_through_the_asked_tastes_module():
+    """CFG's unconditional half is the null taste; routed by the asked taste it is made by
+    that taste's module alone, so a step on cluster 0 leaves cluster 1's unconditional tokens
+    all but where they were. Gated by the null taste itself they mix every cluster's module."""
+    conditioner = expert_token_conditioner()
+    centroids = 3.0 * torch.eye(3, TASTE_DIM)
+    null = conditioner.null_taste(1).detach()
+    with torch.no_grad():
+        for p in conditioner.parameters():  # modules away from their zero init
+            p.add_(0.1 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+        routed = conditioner(null, route=centroids[1:2])
+        mixed = conditioner(null)
+    opt = torch.optim.SGD([p for n, p in conditioner.named_parameters() if n != "null"], lr=0.5)
+    for _ in range(3):  # pull cluster 0's tokens, both halves, toward ones
+        opt.zero_grad()
+        z = torch.cat([null, centroids[:1]])
+        route = torch.cat([centroids[:1], centroids[:1]])
+        (conditioner(z, route=route) - 1).pow(2).mean().backward()
+        opt.step()
+    with torch.no_grad():
+        routed_moved = (conditioner(null, route=centroids[1:2]) - routed).abs().max()
+        mixed_moved = (conditioner(null) - mixed).abs().max()
+    # cluster 1's gate on cluster 0's module is small, not zero (soft routing)
+    assert routed_moved < 0.1 * mixed_moved, (routed_moved, mixed_moved)
+
+
 def test_expert_tokens_are_identity_at_init_round_trip_and_need_experts(tmp_path):
     conditioner = expert_token_conditioner()
     z = torch.randn(4, TASTE_DIM)

@@ -6,6 +6,7 @@ taste's expert."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -232,6 +233,45 @@ def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
         torch.testing.assert_close(
             moments["exp_avg_sq"][:rank], moments["exp_avg_sq"][2 * rank : 3 * rank]
         )
+
+
+def test_under_ddpo_a_restarted_taste_forgets_its_reward_history(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    """DDPO centres each reward on its (prompt, taste) key's history; a restarted taste's
+    history is another expert's past, so it is dropped (keys and group), the others' kept."""
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "method=ddpo",
+        "lora.experts=true",
+        "restart_experts=true",
+        "restart_min_gap=0",
+    )
+    trainer = Trainer(cfg)
+    n_tastes, n_prompts = len(trainer.taste_names), len(cfg.prompts)
+    keys = np.array([p * 2 * n_tastes + k for p in range(n_prompts) for k in range(n_tastes)])
+    groups = np.array([k for _ in range(n_prompts) for k in range(n_tastes)])
+    trainer.tracker.observe(keys, np.arange(len(keys), dtype=float), groups)
+    rigged = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [3.0, 0.0, 1.0]}
+
+    def held_out_reward(taste, images=None):
+        return rigged[taste if images is None else images.made_for][taste]
+
+    def held_out_images(taste):
+        images = torch.zeros(1)
+        images.made_for = 0 if taste is None else taste
+        return images
+
+    monkeypatch.setattr(trainer, "held_out_images", held_out_images)
+    monkeypatch.setattr(trainer, "held_out_reward", held_out_reward)
+    assert trainer.restart_experts()["restarted"] == {
+        trainer.taste_names[0]: trainer.taste_names[2]
+    }
+    kept = {int(k) for k, g in zip(keys, groups) if g != 0}
+    assert set(trainer.tracker.history) == kept
+    assert set(trainer.tracker.group_history) == set(range(1, n_tastes))
 
 
 def test_with_expert_tokens_a_restart_copies_the_taste_module_too(

@@ -439,17 +439,20 @@ def test_lora_experts_give_each_cluster_its_own_block_and_reload_for_generation(
 
 
 @pytest.mark.parametrize(("method", "blocks"), [("draft", 4), ("ddpo", 3)])
-def test_the_shared_expert_block_is_the_methods_own(
+def test_the_shared_expert_block_and_taste_modules_are_the_methods_own(
     toy_assets, reward_run, tmp_path, method, blocks
 ):
-    # the toy config leaves lora.shared_expert to the method (see test_config): DRaFT's experts
-    # share a fourth block, DDPO's do not
+    # the toy config leaves lora.shared_expert and conditioning.expert_tokens to the method (see
+    # test_config): DRaFT's experts share a fourth block and one taste module, DDPO's do not
     cfg = toy_config(toy_assets, reward_run, tmp_path, f"method={method}")
     assert cfg.lora.experts and cfg.lora.shared_expert is None
+    assert cfg.conditioning.expert_tokens is None
     trainer = Trainer(cfg)
     a = next(p for n, p in trainer.unet.named_parameters() if "lora_A" in n)
     assert a.shape[0] == blocks * cfg.lora.rank
-    assert trainer.conditioner.config.shared_expert == (blocks == 4)
+    assert trainer.conditioner.config.shared_expert == (method == "draft")
+    assert trainer.conditioner.config.expert_tokens == (method == "ddpo")
+    assert hasattr(trainer.conditioner, "expert_modules") == (method == "ddpo")
 
 
 @pytest.mark.parametrize("objective", ["mean", "maxmin"])
