@@ -23,8 +23,10 @@ unconditional half gets the null taste and whose conditional half gets the asked
                                 CFG halves with the same weights, so it is exact only when the
                                 asked taste's embedding equals the null taste's: `--taste mean`.
 
-A taste-blind policy (objective mean or maxmin) is its LoRA alone and exports exactly.
-Anything else is refused with a one-line reason.
+A taste-blind policy (objective mean or maxmin) is its LoRA alone and exports exactly, unless
+it was trained with DDPO's stochastic window (noise in its first steps only, `SamplingConfig.
+stochastic_steps`): a plain pipeline's eta applies to every step. Anything else is refused
+with a one-line reason.
 """
 
 from __future__ import annotations
@@ -108,6 +110,14 @@ def export_diffusers(
     base = base or info.config.get("base")
     if not base:
         raise UserError("no base model: pass --base DIR_OR_HUB_ID")
+    sampler = None if info.trained is None else info.trained.sampling
+    if sampler is not None and 0 < sampler.stochastic_steps < sampler.steps:
+        raise UserError(
+            f"checkpoint {info.path} was trained to draw noise in its first "
+            f"{sampler.stochastic_steps} of {sampler.steps} steps only (DDPO's stochastic window), "
+            "which a plain diffusers pipeline cannot run (its eta applies to every step); "
+            "generate with plural-diffusion generate"
+        )
     conditioner = load_taste_conditioner(info.path / TASTE_DIR) if info.conditioned else None
     # refuse what cannot be exact before asking for the reward run a taste would need
     if conditioner is None and taste_spec.strip() not in NULL_SPECS:

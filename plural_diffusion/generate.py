@@ -292,6 +292,7 @@ def write_outputs(
                     "steps": sampler["steps"],
                     "guidance": sampler["guidance"],
                     "eta": sampler["eta"],
+                    "stochastic_steps": sampler["stochastic_steps"],
                     "negative_prompt": sampler["negative_prompt"],
                     "sampling_source": json.dumps(sampler["source"]),
                     "software": "plural-diffusion generate",

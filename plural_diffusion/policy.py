@@ -129,7 +129,8 @@ class SamplerSettings:
 
     sampling: SamplingConfig
     negative_prompt: str
-    # where each value came from: {"steps", "guidance", "eta", "negative_prompt"} -> origin
+    # where each value came from: {"steps", "guidance", "eta", "stochastic_steps",
+    # "negative_prompt"} -> origin
     source: dict[str, str] = field(default_factory=dict)
 
     def describe(self) -> dict:
@@ -138,6 +139,7 @@ class SamplerSettings:
             "steps": self.sampling.steps,
             "guidance": self.sampling.guidance_scale,
             "eta": self.sampling.eta,
+            "stochastic_steps": self.sampling.stochastic_steps,
             "negative_prompt": self.negative_prompt,
             "source": dict(self.source),
         }
@@ -158,6 +160,9 @@ def resolve_settings(
         asked = getattr(overrides, name)
         values[name] = getattr(trained.sampling, name) if asked is None else asked
         source[key] = origin if asked is None else "user"
+    # the steps a DDPO policy was trained to take with noise (`SamplingConfig.stochastic_steps`)
+    values["stochastic_steps"] = trained.sampling.stochastic_steps
+    source["stochastic_steps"] = origin
     asked = overrides.negative_prompt
     negative = trained.negative_prompt if asked is None else asked
     source["negative_prompt"] = origin if asked is None else "user"

@@ -22,6 +22,10 @@ class SamplingConfig:
     steps: int = 20
     guidance_scale: float = 4.0
     eta: float = 1.0  # DDIM noise: > 0 makes every step a stochastic policy
+    # with eta > 0, only the first N steps draw noise and the rest are deterministic DDIM
+    # (0: every step). Not set by hand: a DDPO policy trained with `ddpo.stochastic_window: N`
+    # saves it, so that it generates and is evaluated with the sampler it was trained on
+    stochastic_steps: int = 0
 
 
 @dataclass
@@ -102,11 +106,14 @@ def sample(
     init_latents: [B, C, h, w] x_T; drawn from `generator` when None (on the generator's
         device, then moved: a CPU generator gives the same noise on every device).
     stochastic: bool [T], the steps drawn with `cfg.eta`; the others are deterministic DDIM
-        (eta 0, log-prob 0). None: every step with `cfg.eta`.
+        (eta 0, log-prob 0). None: the first `cfg.stochastic_steps` steps, or every step when
+        that is 0.
     """
     batch = prompt_embeds.shape[0]
     scheduler.set_timesteps(cfg.steps, device=prompt_embeds.device)
     timesteps = scheduler.timesteps
+    if stochastic is None and 0 < cfg.stochastic_steps < len(timesteps):
+        stochastic = torch.arange(len(timesteps)) < cfg.stochastic_steps
     if init_latents is None:
         channels, size = unet.config.in_channels, unet.config.sample_size
         init_latents = randn_tensor(

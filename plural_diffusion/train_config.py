@@ -287,6 +287,11 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         )
     if cfg.ddpo.window_start not in ("first", "random"):
         raise UserError(f"ddpo.window_start={cfg.ddpo.window_start!r}: use first or random")
+    if cfg.sampling.stochastic_steps:
+        raise UserError(
+            f"sampling.stochastic_steps={cfg.sampling.stochastic_steps}: a policy's own record of "
+            "DDPO's window, not a training option; set ddpo.stochastic_window instead"
+        )
     if cfg.ddpo.stat_fallback not in ("taste", "batch"):
         raise UserError(f"ddpo.stat_fallback={cfg.ddpo.stat_fallback!r}: use taste or batch")
     if not 0.0 <= cfg.conditioning.taste_dropout < 1.0:

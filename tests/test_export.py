@@ -130,6 +130,19 @@ def test_what_cannot_be_exact_is_refused_in_one_line(
     assert not (tmp_path / "out").exists()
 
 
+def test_a_policy_trained_with_a_stochastic_window_is_refused_in_one_line(
+    toy_assets, tmp_path, capsys
+):
+    checkpoint = saved_policy(toy_assets.base, tmp_path / "ckpt", mode=None)
+    record = json.loads((checkpoint / "checkpoint.json").read_text())
+    record["metadata"]["config"]["sampling"]["stochastic_steps"] = 2
+    (checkpoint / "checkpoint.json").write_text(json.dumps(record))
+    code, printed = run(["export", "--checkpoint", str(checkpoint), str(tmp_path / "out")], capsys)
+    assert code == 2
+    assert "in its first 2 of 4 steps only" in printed.err and printed.err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_untrained_taste_tokens_add_nothing_and_bake_for_any_taste():
     unet_width = 32
     config = TasteConditioningConfig(taste_dim=4, n_tokens=2, hidden=8, out_dim=unet_width)

@@ -236,8 +236,11 @@ def test_the_trained_sampler_is_used_unless_overridden_and_the_outputs_say_which
         "steps": 4,
         "guidance": 3.0,
         "eta": 1.0,
+        "stochastic_steps": 0,
         "negative_prompt": NEGATIVE,
-        "source": dict.fromkeys(["steps", "guidance", "eta", "negative_prompt"], "checkpoint"),
+        "source": dict.fromkeys(
+            ["steps", "guidance", "eta", "stochastic_steps", "negative_prompt"], "checkpoint"
+        ),
     }
     png = Image.open(tmp_path / "trained" / trained["prompts"][0]["images"][0]["file"])
     assert (png.text["steps"], png.text["guidance"], png.text["negative_prompt"]) == (
@@ -258,6 +261,7 @@ def test_the_trained_sampler_is_used_unless_overridden_and_the_outputs_say_which
         "steps": "user",
         "guidance": "checkpoint",
         "eta": "checkpoint",
+        "stochastic_steps": "checkpoint",
         "negative_prompt": "user",
     }
     other = Image.open(tmp_path / "user" / overridden["prompts"][0]["images"][0]["file"])
@@ -274,5 +278,6 @@ def test_the_base_model_has_no_trained_sampler_and_says_so(toy_assets, tmp_path,
         "steps": "user",
         "guidance": "default",
         "eta": "default",
+        "stochastic_steps": "default",
         "negative_prompt": "default",
     }

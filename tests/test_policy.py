@@ -125,6 +125,7 @@ def test_overrides_replace_only_the_values_given():
         "steps": "user",
         "guidance": "checkpoint mean",
         "eta": "checkpoint mean",
+        "stochastic_steps": "checkpoint mean",
         "negative_prompt": "checkpoint mean",
     }
     with pytest.raises(UserError, match="--eta 2.0: must be in"):

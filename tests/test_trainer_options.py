@@ -2,11 +2,14 @@
 scaling, gradient accumulation, rewards in float32, decoder checkpointing, taste dropout and
 a checkpoint that loads without unpickling."""
 
+import dataclasses
+
 import pytest
 import torch
 from test_trainer import toy_config
 
 from plural_diffusion.ddpo import Trainer, latest_checkpoint
+from plural_diffusion.policy import CheckpointInfo, SamplingOverrides, resolve_settings
 from plural_diffusion.sampling import decode_images
 from reward_models.errors import UserError
 
@@ -424,6 +427,23 @@ def test_ddpo_stochastic_window_draws_noise_and_trains_only_inside_it(
         if start == "first":
             assert first == 0
         assert set(trained) == {int(t) for t in traj.timesteps[noisy]}
+    # the policy is saved with the sampler it was trained for: a first-steps window is part of
+    # it (held-out images, generate, evaluate); a window drawn per epoch is not one sampler
+    window = 2 if start == "first" else 0
+    assert trainer.policy.sampling.stochastic_steps == window
+    saved = trainer.policy.save_pretrained(tmp_path / "saved")
+    loaded = CheckpointInfo.read(saved).trained.sampling
+    assert loaded.stochastic_steps == window
+    assert resolve_settings(
+        SamplingOverrides(eta=0.5), CheckpointInfo.read(saved).trained
+    ).sampling == (dataclasses.replace(loaded, eta=0.5))
+    prompt, _, z, noise = trainer.draw_batch(2)
+    embeds, negative = trainer._embeds(prompt)
+    with torch.no_grad():
+        traj = trainer.policy.sample(
+            prompt_embeds=embeds, negative_embeds=negative, tastes=z, noise=noise
+        )
+    assert ((traj.log_probs != 0).all(dim=0).sum()) == (window or 6)
 
 
 def test_deterministic_steps_do_not_depend_on_the_generator(toy_assets, reward_run, tmp_path):
@@ -456,6 +476,7 @@ def test_deterministic_steps_do_not_depend_on_the_generator(toy_assets, reward_r
     [
         ("ddpo.stochastic_window=-1", "ddpo.stochastic_window=-1: steps, >= 0"),
         ("ddpo.window_start=last", "use first or random"),
+        ("sampling.stochastic_steps=3", "set ddpo.stochastic_window instead"),
     ],
 )
 def test_a_stochastic_window_that_cannot_apply_stops_with_a_one_line_error(
