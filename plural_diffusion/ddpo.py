@@ -597,12 +597,17 @@ class Trainer:
             )
         return gap
 
+    def reward_keys(self, prompt, taste):
+        """The reward history's key of each (prompt index, taste index) pair: one key per
+        (prompt, taste, asked for the null taste), taste indices of null rows raised by the
+        number of tastes (see `draw_batch`). Tensors or arrays, elementwise."""
+        return prompt * 2 * len(self.taste_names) + taste
+
     def _key_stats(self, prompt, taste, reward, fallback: str = "batch"):
         """Each sample's (prompt, taste) key's running reward (mean, std), [B] each, from the
         rewards of every process (gathered, so all ranks normalise alike). A key seen too rarely
         uses its taste's statistics (`fallback="taste"`) or the batch's."""
-        # one key per (prompt, taste, asked for the null taste); see `draw_batch`
-        keys = (prompt * 2 * len(self.taste_names) + taste).to(self.device)
+        keys = self.reward_keys(prompt, taste).to(self.device)
         all_keys = self.accelerator.gather(keys).cpu().numpy()
         all_rewards = self.accelerator.gather(reward.float()).cpu().numpy()
         groups = None  # the same config on every rank: all gather alike
@@ -1019,9 +1024,8 @@ class Trainer:
         expert sampled. Measured on the toy base of seed 5: vivid restarted from sunny's expert
         13 times, every check from epoch 3 to 27, and ended at gold .19 (see README). Reward
         backpropagation only divides by the key's std, and keeps it."""
-        n_tastes = len(self.taste_names)
-        keys = [p * 2 * n_tastes + k for p in range(len(self.cfg.prompts)) for k in tastes]
-        self.tracker.forget(keys, tastes)
+        prompts = range(len(self.cfg.prompts))
+        self.tracker.forget([self.reward_keys(p, k) for p in prompts for k in tastes], tastes)
 
     @torch.no_grad()
     def _copy_taste_modules(self, restarts: dict[int, int], state: dict) -> None:

@@ -172,6 +172,23 @@ def test_a_restart_copies_the_block_in_a_and_b_and_two_tastes_can_swap():
     torch.testing.assert_close(b, a.t())
 
 
+def rig_held_out_rewards(trainer, monkeypatch) -> None:
+    """Held-out rewards without sampling: taste 0's head prefers taste 2's images (3.0 against
+    its own 1.0), every other head its own taste's: taste 0 restarts from expert 2."""
+    rigged = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [3.0, 0.0, 1.0]}
+
+    def held_out_reward(taste, images=None):
+        return rigged[taste if images is None else images.made_for][taste]
+
+    def held_out_images(taste):
+        images = torch.zeros(1)
+        images.made_for = 0 if taste is None else taste
+        return images
+
+    monkeypatch.setattr(trainer, "held_out_images", held_out_images)
+    monkeypatch.setattr(trainer, "held_out_reward", held_out_reward)
+
+
 def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
     toy_assets, reward_run, tmp_path, monkeypatch, capsys
 ):
@@ -192,18 +209,7 @@ def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
     trainer = Trainer(cfg)
     # taste 0's head prefers taste 2's images: it restarts from expert 2 after epoch 1 only
     names = trainer.taste_names
-    rigged = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [3.0, 0.0, 1.0]}
-
-    def held_out_reward(taste, images=None):
-        return rigged[taste if images is None else images.made_for][taste]
-
-    def held_out_images(taste):
-        images = torch.zeros(1)
-        images.made_for = 0 if taste is None else taste
-        return images
-
-    monkeypatch.setattr(trainer, "held_out_images", held_out_images)
-    monkeypatch.setattr(trainer, "held_out_reward", held_out_reward)
+    rig_held_out_rewards(trainer, monkeypatch)
     history = trainer.fit(progress=False)
     assert history[0]["restart"]["restarted"] == {names[0]: names[2]}
     assert "restart" not in history[1]  # restart_until=0.5 of 2 epochs: after epoch 1 only
@@ -251,21 +257,10 @@ def test_under_ddpo_a_restarted_taste_forgets_its_reward_history(
     )
     trainer = Trainer(cfg)
     n_tastes, n_prompts = len(trainer.taste_names), len(cfg.prompts)
-    keys = np.array([p * 2 * n_tastes + k for p in range(n_prompts) for k in range(n_tastes)])
-    groups = np.array([k for _ in range(n_prompts) for k in range(n_tastes)])
+    prompts, groups = np.divmod(np.arange(n_prompts * n_tastes), n_tastes)
+    keys = trainer.reward_keys(prompts, groups)
     trainer.tracker.observe(keys, np.arange(len(keys), dtype=float), groups)
-    rigged = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [3.0, 0.0, 1.0]}
-
-    def held_out_reward(taste, images=None):
-        return rigged[taste if images is None else images.made_for][taste]
-
-    def held_out_images(taste):
-        images = torch.zeros(1)
-        images.made_for = 0 if taste is None else taste
-        return images
-
-    monkeypatch.setattr(trainer, "held_out_images", held_out_images)
-    monkeypatch.setattr(trainer, "held_out_reward", held_out_reward)
+    rig_held_out_rewards(trainer, monkeypatch)
     assert trainer.restart_experts()["restarted"] == {
         trainer.taste_names[0]: trainer.taste_names[2]
     }

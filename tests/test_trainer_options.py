@@ -431,12 +431,10 @@ def test_ddpo_stochastic_window_draws_noise_and_trains_only_inside_it(
     # it (held-out images, generate, evaluate); a window drawn per epoch is not one sampler
     window = 2 if start == "first" else 0
     assert trainer.policy.sampling.stochastic_steps == window
-    saved = trainer.policy.save_pretrained(tmp_path / "saved")
-    loaded = CheckpointInfo.read(saved).trained.sampling
-    assert loaded.stochastic_steps == window
-    assert resolve_settings(
-        SamplingOverrides(eta=0.5), CheckpointInfo.read(saved).trained
-    ).sampling == (dataclasses.replace(loaded, eta=0.5))
+    trained = CheckpointInfo.read(trainer.policy.save_pretrained(tmp_path / "saved")).trained
+    assert trained.sampling.stochastic_steps == window
+    overridden = resolve_settings(SamplingOverrides(eta=0.5), trained).sampling
+    assert overridden == dataclasses.replace(trained.sampling, eta=0.5)
     prompt, _, z, noise = trainer.draw_batch(2)
     embeds, negative = trainer._embeds(prompt)
     with torch.no_grad():
