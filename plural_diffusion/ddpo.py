@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from plural_diffusion.advantages import PerKeyStatTracker
 from plural_diffusion.backbone import (
     CHECKPOINT_JSON,
+    TASTE_DIR,
     add_lora,
     architecture_mismatch,
     disable_adapters,
@@ -38,7 +39,7 @@ from plural_diffusion.backbone import (
     set_lora_state,
     trainable_parameters,
 )
-from plural_diffusion.conditioning import TasteConditioner
+from plural_diffusion.conditioning import TasteConditioner, load_taste_conditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
 from plural_diffusion.expert_selection import (
     copy_expert_block,
@@ -1046,10 +1047,14 @@ class Trainer:
 
     def select_experts(self, ckpt_root: Path, progress: bool = True) -> dict:
         """Give each taste its expert block from the checkpoint under `ckpt_root` where its
-        held-out reward is highest (`plural_diffusion.expert_selection`); the shared block and
-        the taste module (with `conditioning.expert_tokens`, every taste's) stay the last
-        epoch's. Writes `ckpt_root/selected` (a checkpoint's policy/ and selection.json) and
-        out_dir/selection.json; returns the selection."""
+        held-out reward is highest (`plural_diffusion.expert_selection`). With
+        `conditioning.expert_tokens` the taste's module comes from the same checkpoint as its
+        block: the two were trained together, and a block scored with another epoch's module is
+        not the policy that checkpoint held (on the toy base of seed 3, sunny's module collapsed
+        in the last epochs and every block scored low beside it). The shared block and the
+        shared part of the conditioner stay the last epoch's. Writes `ckpt_root/selected` (a
+        checkpoint's policy/ and selection.json) and out_dir/selection.json; returns the
+        selection."""
         self.unet.eval()
         last = f"epoch-{self.epoch:04d}"
         candidates = {
@@ -1066,6 +1071,8 @@ class Trainer:
         }
         rank = self.cfg.lora.rank
         current = lora_state(self.unet)
+        modules = self._candidate_taste_modules(ckpt_root, candidates)
+        current_modules = modules.pop(last, None)
         selection = {}
         bar = tqdm(
             total=len(self.taste_names) * (len(candidates) + 1),
@@ -1075,6 +1082,7 @@ class Trainer:
         for k, name in enumerate(self.taste_names):
             base = self.held_out_base_reward(k)
             set_lora_state(self.unet, current)
+            self._set_taste_modules(current_modules)
             scores = {last: self.held_out_reward(k)}
             bar.update(1)
             for ckpt, state in candidates.items():
@@ -1082,14 +1090,19 @@ class Trainer:
                     bar.update(1)
                     continue
                 set_lora_state(self.unet, with_expert_block(current, state, k, rank))
+                if current_modules is not None:
+                    self._set_taste_modules({k: modules[ckpt][k]})
                 scores[ckpt] = self.held_out_reward(k)
                 bar.update(1)
             best = pick_best(scores, keep=last, base=base, min_gain=self.cfg.select_min_gain)
             if best != last:
                 current = with_expert_block(current, candidates[best], k, rank)
+                if current_modules is not None:
+                    current_modules[k] = modules[best][k]
             selection[name] = {"checkpoint": best, "held_out_reward": scores, "base": base}
         bar.close()
         set_lora_state(self.unet, current)
+        self._set_taste_modules(current_modules)
         if self.accelerator.is_main_process:
             with atomic_dir(ckpt_root / SELECTED_DIR) as tmp:
                 self.policy.save_pretrained(
@@ -1103,6 +1116,37 @@ class Trainer:
                 write_json(tmp / "selection.json", selection)
             write_json(self.out_dir / "selection.json", selection)
         return selection
+
+    def _candidate_taste_modules(
+        self, ckpt_root: Path, candidates: dict
+    ) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
+        """With `conditioning.expert_tokens`: {checkpoint: {taste: its module's state}} for
+        each candidate, and under the last epoch's name the modules the trainer holds now.
+        Empty without per-taste modules (one module shared by every taste stays the last's)."""
+        if self.conditioner is None or not self.conditioner.config.expert_tokens:
+            return {}
+
+        def per_taste(conditioner: TasteConditioner) -> dict[int, dict[str, torch.Tensor]]:
+            return {
+                k: {
+                    n: t.detach().clone()
+                    for n, t in conditioner.expert_module(k).state_dict().items()
+                }
+                for k in range(len(self.taste_names))
+            }
+
+        out = {
+            name: per_taste(load_taste_conditioner(ckpt_root / name / POLICY_DIR / TASTE_DIR))
+            for name in candidates
+        }
+        out[f"epoch-{self.epoch:04d}"] = per_taste(self.conditioner)
+        return out
+
+    @torch.no_grad()
+    def _set_taste_modules(self, modules: dict[int, dict[str, torch.Tensor]] | None) -> None:
+        """Load {taste: module state} into the trainer's conditioner (None: leave it)."""
+        for k, state in (modules or {}).items():
+            self.conditioner.expert_module(k).load_state_dict(state)
 
 
 def final_checkpoint(root: Path) -> Path | None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from plural_diffusion.backbone import read_lora_state
+from plural_diffusion.backbone import TASTE_DIR, lora_state, read_lora_state
+from plural_diffusion.conditioning import load_taste_conditioner
 from plural_diffusion.ddpo import Trainer, final_checkpoint, latest_checkpoint
 from plural_diffusion.expert_selection import (
     copy_expert_block,
@@ -104,6 +105,68 @@ def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_blo
     state = json.loads((later / "trainer_state.json").read_text())
     (later / "trainer_state.json").write_text(json.dumps({**state, "epoch": 4}))
     assert final_checkpoint(root) == later
+
+
+def test_with_expert_tokens_a_taste_takes_its_module_from_the_checkpoint_of_its_block(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    """A block is scored beside the module it was trained with, and selected with it."""
+    cfg = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "method=ddpo",
+        "lora.experts=true",
+        "conditioning.expert_tokens=true",
+        "epochs=3",
+        "select_experts=false",
+        "select_min_gain=0",
+    )
+    trainer = Trainer(cfg)
+    trainer.fit(progress=False)
+    root, rank = tmp_path / "run" / "checkpoints", cfg.lora.rank
+    epochs = ["epoch-0001", "epoch-0002", "epoch-0003"]
+
+    def block(state, k):
+        rows = slice(k * rank, (k + 1) * rank)
+        return [v[rows] if ".lora_A." in n else v[:, rows] for n, v in sorted(state.items())]
+
+    def module(conditioner, k):
+        return list(conditioner.expert_module(k).state_dict().values())
+
+    saved = {
+        e: (read_lora_state(root / e / "policy"), root / e / "policy" / TASTE_DIR) for e in epochs
+    }
+    saved = {e: (lora, load_taste_conditioner(d)) for e, (lora, d) in saved.items()}
+
+    def epoch_of(tensors, k, part):
+        same = [e for e in epochs if all(map(torch.equal, tensors, part(saved[e], k)))]
+        assert len(same) == 1  # every epoch moved every taste's block and module
+        return same[0]
+
+    best = {0: "epoch-0001", 1: "epoch-0002", 2: "epoch-0003"}
+    seen = []
+
+    def held_out_reward(k, images=None):
+        b = epoch_of(block(lora_state(trainer.unet), k), k, lambda s, k: block(s[0], k))
+        m = epoch_of(module(trainer.conditioner, k), k, lambda s, k: module(s[1], k))
+        seen.append((k, b, m))
+        return 1.0 if b == best[k] else 0.0
+
+    monkeypatch.setattr(trainer, "held_out_reward", held_out_reward)
+    monkeypatch.setattr(trainer, "held_out_base_reward", lambda k: 0.0)
+    selection = trainer.select_experts(root, progress=False)
+    assert len(seen) == 9 and all(b == m for _, b, m in seen)
+    assert {n: selection[n]["checkpoint"] for n in trainer.taste_names} == {
+        n: best[k] for k, n in enumerate(trainer.taste_names)
+    }
+    chosen = load_taste_conditioner(root / "selected" / "policy" / TASTE_DIR)
+    lora = read_lora_state(root / "selected" / "policy")
+    for k in range(3):
+        assert all(map(torch.equal, module(chosen, k), module(saved[best[k]][1], k)))
+        assert all(map(torch.equal, block(lora, k), block(saved[best[k]][0], k)))
+    # the trainer holds the selected policy afterwards
+    assert all(map(torch.equal, module(trainer.conditioner, 0), module(chosen, 0)))
 
 
 def test_select_experts_without_experts_is_a_one_line_error(toy_assets, reward_run, tmp_path):
@@ -287,17 +350,7 @@ def test_with_expert_tokens_a_restart_copies_the_taste_module_too(
     )
     trainer = Trainer(cfg)
     trainer.fit(progress=False)  # one epoch: every module and its Adam moments have moved
-    rigged = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [3.0, 0.0, 1.0]}
-
-    def held_out_images(taste):
-        images = torch.zeros(1)
-        images.made_for = 0 if taste is None else taste
-        return images
-
-    monkeypatch.setattr(trainer, "held_out_images", held_out_images)
-    monkeypatch.setattr(
-        trainer, "held_out_reward", lambda k, images=None: rigged[images.made_for][k]
-    )
+    rig_held_out_rewards(trainer, monkeypatch)
     modules = [trainer.conditioner.expert_module(k) for k in range(3)]
     before = [[p.detach().clone() for p in m.parameters()] for m in modules]
     assert any(not torch.equal(a, b) for a, b in zip(before[0], before[2]))
