@@ -157,7 +157,9 @@ class TrainConfig:
     # matched with LoRA experts (tastes by cluster): after training, each cluster keeps its expert
     # block from the saved checkpoint (every `save_every` epochs, or the last) where that
     # taste's own head scores its held-out images highest, beside the last epoch's shared block
-    # and taste module; written to checkpoints/selected (`plural_diffusion.expert_selection`).
+    # (with `conditioning.expert_tokens` its taste module comes from the same checkpoint; a
+    # shared module stays the last epoch's); written to checkpoints/selected
+    # (`plural_diffusion.expert_selection`).
     # Taste-blind objectives have no experts and ignore it
     select_experts: bool = False
     select_images: int = 16  # held-out images per taste and candidate (fixed prompts and noise)
