@@ -1071,8 +1071,17 @@ class Trainer:
         }
         rank = self.cfg.lora.rank
         current = lora_state(self.unet)
-        modules = self._candidate_taste_modules(ckpt_root, candidates)
-        current_modules = modules.pop(last, None)
+        # with per-taste modules, each candidate's, to go with its block; else the shared
+        # module stays the last epoch's
+        modules, current_modules = {}, None
+        if self.conditioner is not None and self.conditioner.config.expert_tokens:
+            modules = {
+                name: self._taste_module_states(
+                    load_taste_conditioner(ckpt_root / name / POLICY_DIR / TASTE_DIR)
+                )
+                for name in candidates
+            }
+            current_modules = self._taste_module_states(self.conditioner)
         selection = {}
         bar = tqdm(
             total=len(self.taste_names) * (len(candidates) + 1),
@@ -1117,30 +1126,14 @@ class Trainer:
             write_json(self.out_dir / "selection.json", selection)
         return selection
 
-    def _candidate_taste_modules(
-        self, ckpt_root: Path, candidates: dict
-    ) -> dict[str, dict[int, dict[str, torch.Tensor]]]:
-        """With `conditioning.expert_tokens`: {checkpoint: {taste: its module's state}} for
-        each candidate, and under the last epoch's name the modules the trainer holds now.
-        Empty without per-taste modules (one module shared by every taste stays the last's)."""
-        if self.conditioner is None or not self.conditioner.config.expert_tokens:
-            return {}
-
-        def per_taste(conditioner: TasteConditioner) -> dict[int, dict[str, torch.Tensor]]:
-            return {
-                k: {
-                    n: t.detach().clone()
-                    for n, t in conditioner.expert_module(k).state_dict().items()
-                }
-                for k in range(len(self.taste_names))
-            }
-
-        out = {
-            name: per_taste(load_taste_conditioner(ckpt_root / name / POLICY_DIR / TASTE_DIR))
-            for name in candidates
+    def _taste_module_states(
+        self, conditioner: TasteConditioner
+    ) -> dict[int, dict[str, torch.Tensor]]:
+        """{taste: a copy of its module's state} of a conditioner with `expert_tokens`."""
+        return {
+            k: {n: t.detach().clone() for n, t in conditioner.expert_module(k).state_dict().items()}
+            for k in range(len(self.taste_names))
         }
-        out[f"epoch-{self.epoch:04d}"] = per_taste(self.conditioner)
-        return out
 
     @torch.no_grad()
     def _set_taste_modules(self, modules: dict[int, dict[str, torch.Tensor]] | None) -> None:

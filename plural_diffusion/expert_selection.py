@@ -9,8 +9,9 @@ improving; vivid's held-out gold is 0.53 with epoch 8's expert and 0.34 without
 possible: each taste keeps the expert block of the checkpoint where *its own head* scored its
 held-out images highest, beside the last epoch's shared block (with per-taste modules,
 `conditioning.expert_tokens`, the taste's module comes from the same checkpoint as its block;
-a shared module stays the last epoch's). Gold is never seen; the images are drawn from fixed prompts and noise that training does not use, the
-same for every candidate, so candidates differ only by their weights. A checkpoint replaces
+a shared module stays the last epoch's). Gold is never seen; the images are drawn from fixed
+prompts and noise that training does not use, the same for every candidate, so candidates
+differ only by their weights. A checkpoint replaces
 the last epoch's expert only when it beats it by `select_min_gain` of the taste's gain over the
 base model (`pick_best`).
 

@@ -107,21 +107,25 @@ def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_blo
     assert final_checkpoint(root) == later
 
 
-def test_with_expert_tokens_a_taste_takes_its_module_from_the_checkpoint_of_its_block(
-    toy_assets, reward_run, tmp_path, monkeypatch
-):
-    """A block is scored beside the module it was trained with, and selected with it."""
-    cfg = toy_config(
+def expert_tokens_config(toy_assets, reward_run, tmp_path, *overrides):
+    """DDPO with LoRA experts and each taste cluster its own taste module, no selection."""
+    return toy_config(
         toy_assets,
         reward_run,
         tmp_path,
         "method=ddpo",
         "lora.experts=true",
         "conditioning.expert_tokens=true",
-        "epochs=3",
         "select_experts=false",
-        "select_min_gain=0",
+        *overrides,
     )
+
+
+def test_with_expert_tokens_a_taste_takes_its_module_from_the_checkpoint_of_its_block(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    """A block is scored beside the module it was trained with, and selected with it."""
+    cfg = expert_tokens_config(toy_assets, reward_run, tmp_path, "epochs=3", "select_min_gain=0")
     trainer = Trainer(cfg)
     trainer.fit(progress=False)
     root, rank = tmp_path / "run" / "checkpoints", cfg.lora.rank
@@ -134,10 +138,13 @@ def test_with_expert_tokens_a_taste_takes_its_module_from_the_checkpoint_of_its_
     def module(conditioner, k):
         return list(conditioner.expert_module(k).state_dict().values())
 
-    saved = {
-        e: (read_lora_state(root / e / "policy"), root / e / "policy" / TASTE_DIR) for e in epochs
+    saved = {  # each epoch's (LoRA state, conditioner)
+        e: (
+            read_lora_state(root / e / "policy"),
+            load_taste_conditioner(root / e / "policy" / TASTE_DIR),
+        )
+        for e in epochs
     }
-    saved = {e: (lora, load_taste_conditioner(d)) for e, (lora, d) in saved.items()}
 
     def epoch_of(tensors, k, part):
         same = [e for e in epochs if all(map(torch.equal, tensors, part(saved[e], k)))]
@@ -335,18 +342,14 @@ def test_under_ddpo_a_restarted_taste_forgets_its_reward_history(
 def test_with_expert_tokens_a_restart_copies_the_taste_module_too(
     toy_assets, reward_run, tmp_path, monkeypatch
 ):
-    cfg = toy_config(
+    cfg = expert_tokens_config(
         toy_assets,
         reward_run,
         tmp_path,
-        "method=ddpo",
-        "lora.experts=true",
-        "conditioning.expert_tokens=true",
         "epochs=1",
         "restart_experts=true",
         "restart_every=1",
         "restart_min_gap=0",
-        "select_experts=false",
     )
     trainer = Trainer(cfg)
     trainer.fit(progress=False)  # one epoch: every module and its Adam moments have moved
