@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import json
 import platform
+import sys
 import tempfile
 import time
 import traceback
@@ -71,12 +72,14 @@ PHASES = (
     "draft_step",
     "unet_variants",
     "epochs",
+    "draft_epoch",
     "sampler_vs_pipeline",
     "unet_tflops",
     "log_prob_by_precision",
     "reward_precision",
     "fp16_gradients",
     "cuda_generators",
+    "unet_compile",
 )
 
 
@@ -305,6 +308,51 @@ def unet_variants(proof: Proof, trainer: Trainer, base: Path, traj, batch: int) 
     return out
 
 
+def unet_compile(proof: Proof, trainer: Trainer, traj, z) -> dict:
+    """One guided UNet call of the trainer's UNet (LoRA and taste module attached, no grad)
+    eager, then under `torch.compile`: the first compiled call's seconds (compilation) and the
+    speed-up; a whole sampling call eager and compiled. Last of the bf16 phases: the trainer's
+    UNet is left compiled."""
+    cfg = trainer.cfg
+    x = traj.latents[:, 0]
+
+    def forward(unet):
+        with torch.no_grad(), trainer.precision():
+            return guided_noise(
+                unet,
+                trainer.conditioner,
+                x,
+                traj.timesteps[0],
+                traj.prompt_embeds,
+                traj.negative_embeds,
+                z,
+                cfg.sampling.guidance_scale,
+            )
+
+    unet = trainer.unet
+    proof.timed(lambda: forward(unet), repeats=2)  # warm-up
+    eager_out, eager_s = proof.timed(lambda: forward(unet), repeats=5)
+    batch = len(x)
+    _, eager_sample_s = proof.timed(lambda: sample_batch(trainer, batch))
+    unet.compile()  # in place: the module is called compiled wherever the trainer calls it
+    _, first_s = proof.timed(lambda: forward(unet))
+    proof.timed(lambda: forward(unet), repeats=2)  # shapes settle, recompiles if any
+    compiled_out, compiled_s = proof.timed(lambda: forward(unet), repeats=5)
+    sample_batch(trainer, batch)  # the sampler's own calls (each timestep) compiled
+    _, compiled_sample_s = proof.timed(lambda: sample_batch(trainer, batch))
+    out = {
+        "batch_with_cfg": 2 * batch,
+        "eager_call_s": round(eager_s, 4),
+        "compile_first_call_s": round(first_s, 2),
+        "compiled_call_s": round(compiled_s, 4),
+        "speedup": round(eager_s / compiled_s, 3),
+        "max_abs_diff_vs_eager": float((compiled_out.float() - eager_out.float()).abs().max()),
+        "sampler_images_per_s_eager": round(batch / eager_sample_s, 3),
+        "sampler_images_per_s_compiled": round(batch / compiled_sample_s, 3),
+    }
+    return out
+
+
 def dtype_name(t) -> str:
     return str(t.dtype).removeprefix("torch.")
 
@@ -321,6 +369,8 @@ def run(args) -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     proof.results.update(
         {
+            "run": args.run,
+            "command": "python benchmarks/gpu_proof.py " + " ".join(args.argv),
             "card": card or "cpu",
             "smoke": smoke,
             "torch": torch.__version__,
@@ -490,6 +540,12 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             r["ddpo_epoch_s"] = round(ddpo_s, 2)
             r["ddpo_optimizer_steps"] = log.get("optimizer_steps")
             r["ddpo_images"] = cfg.ddpo.sample_batch_size * cfg.ddpo.sample_batches
+            # sampled at the update's shape: the recomputed log-probs should match the stored
+            r["logprob_gap"] = log.get("logprob_gap")
+            r["clip_range"] = cfg.ddpo.clip_range
+
+    with proof.phase("draft_epoch") as r:
+        if r is not None:
             trainer.cfg.method = "draft"
             trainer.pipe.vae.enable_gradient_checkpointing()  # as sd15.yaml's DRaFT runs
             _, draft_s = proof.timed(trainer.train_epoch)
@@ -526,6 +582,12 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             with torch.no_grad():
                 plain(**kwargs)  # warm-up
                 _, theirs = proof.timed(lambda: plain(**kwargs), repeats=2)
+                # the same pipeline carrying a LoRA of the trainer's rank and targets: what the
+                # trainer's sampler should be compared with
+                add_lora(plain.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules)
+                plain.unet.to(device)
+                plain(**kwargs)  # warm-up
+                _, theirs_lora = proof.timed(lambda: plain(**kwargs), repeats=2)
             del plain
             release()
             r.update(
@@ -533,6 +595,8 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
                     "trainer_images_per_s": round(batch / ours, 3),
                     "pipeline_images_per_s": round(batch / theirs, 3),
                     "trainer_over_pipeline": round(theirs / ours, 3),
+                    "pipeline_lora_images_per_s": round(batch / theirs_lora, 3),
+                    "trainer_over_pipeline_lora": round(theirs_lora / ours, 3),
                 }
             )
 
@@ -609,6 +673,10 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
                 }
             )
 
+    with proof.phase("unet_compile") as r:
+        if r is not None:
+            r.update(unet_compile(proof, trainer, traj, z))
+
 
 def precision_phases(proof: Proof, base: Path, rewards: Path, work: Path, smoke: bool, batch):
     """The first update's log-prob mismatch per precision, and fp16's gradients."""
@@ -677,6 +745,7 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--out", type=Path, default=None, help="the JSON to write")
     parser.add_argument("--work", default=None, help="work directory (reused when it exists)")
+    parser.add_argument("--run", default=None, help="a line on this run (code, machine), kept")
     parser.add_argument("--phases", default=None, help=f"comma-separated subset of {PHASES}")
     parser.add_argument(
         "--minibatch-steps",
@@ -685,6 +754,7 @@ def main(argv=None) -> None:
         help="denoising steps timed per DDPO minibatch (the rest are extrapolated)",
     )
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     if args.smoke:
         torch.set_num_threads(1)
     run(args)
