@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from pathlib import Path
 
 import open_clip
@@ -72,6 +73,7 @@ PHASES = (
     "draft_step",
     "unet_variants",
     "epochs",
+    "logprob_gap_sources",
     "draft_epoch",
     "sampler_vs_pipeline",
     "unet_tflops",
@@ -221,13 +223,22 @@ def sample_batch(trainer: Trainer, batch: int, grad_last_steps: int = 0):
         return trainer._sample_batch(batch, grad_last_steps)
 
 
-def step_log_probs(trainer: Trainer, traj, z, rows: torch.Tensor, steps: list[int], grad: bool):
+def step_log_probs(
+    trainer: Trainer,
+    traj,
+    z,
+    rows: torch.Tensor,
+    steps: list[int],
+    grad: bool,
+    enable_grad: bool | None = None,
+):
     """The policy's log-probs [len(steps), B] of the stored steps of `rows`, recomputed as the
     DDPO update does (`guided_noise` + `ddim_step_with_logprob` in `trainer.precision()`); with
-    `grad` each step's PPO loss (advantage 1) is backpropagated as the update would."""
+    `grad` each step's PPO loss (advantage 1) is backpropagated as the update would.
+    `enable_grad` (default: `grad`) runs the forward with autograd on, without a backward."""
     out = []
     for j in steps:
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad if enable_grad is None else enable_grad):
             with trainer.precision():
                 pred = guided_noise(
                     trainer.unet,
@@ -350,6 +361,69 @@ def unet_compile(proof: Proof, trainer: Trainer, traj, z) -> dict:
         "sampler_images_per_s_eager": round(batch / eager_sample_s, 3),
         "sampler_images_per_s_compiled": round(batch / compiled_sample_s, 3),
     }
+    return out
+
+
+def logprob_gap_sources(proof: Proof, trainer: Trainer) -> dict:
+    """Where the first update's log-prob gap comes from: per attention backend (each sampling
+    and recomputing under it), 4 images sampled at the update's shape, their trainable steps'
+    log-probs recomputed as the update does in three modes: no grad in eval mode (as the
+    sampler ran), no grad in train mode, and grad enabled in train mode (the update; no
+    backward). Each entry is the largest |recomputed - stored|."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {
+        "default": None,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    rows = torch.arange(trainer.cfg.ddpo.train_batch_size, device=proof.device)
+    out: dict = {"clip_range": trainer.cfg.ddpo.clip_range}
+    for name, backend in backends.items():
+        context = contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
+        entry: dict = {}
+        try:
+            with context:
+                trainer.unet.eval()
+                _, _, z, traj = sample_batch(trainer, len(rows))
+                steps = trainable_steps(trainer, traj)
+                stored = traj.log_probs[rows][:, steps].T
+                for mode, train, grad in (
+                    ("no_grad_eval", False, False),
+                    ("no_grad_train", True, False),
+                    ("grad_train", True, True),
+                ):
+                    trainer.unet.train(train)
+                    recomputed = step_log_probs(
+                        trainer, traj, z, rows, steps, grad=False, enable_grad=grad
+                    )
+                    entry[mode] = float((recomputed - stored).abs().max())
+        except Exception as e:  # a backend this card or shape does not have
+            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        out[name] = entry
+    # the update's minibatch mixes rows of different sampling batches: two batches sampled,
+    # rows of both recomputed together (default backend)
+    trainer.unet.eval()
+    n = len(rows)
+    (_, _, z1, a), (_, _, z2, b) = sample_batch(trainer, n), sample_batch(trainer, n)
+    half = n // 2
+    fields = ("latents", "prompt_embeds", "negative_embeds", "log_probs")
+    mixed = types.SimpleNamespace(
+        timesteps=a.timesteps,
+        **{f: torch.cat([getattr(a, f)[:half], getattr(b, f)[: n - half]]) for f in fields},
+    )
+    zm = None if z1 is None else torch.cat([z1[:half], z2[: n - half]])
+    steps = trainable_steps(trainer, a)
+    stored = mixed.log_probs[rows][:, steps].T
+    entry = {}
+    for mode, train, grad in (("no_grad_eval", False, False), ("grad_train", True, True)):
+        trainer.unet.train(train)
+        recomputed = step_log_probs(trainer, mixed, zm, rows, steps, grad=False, enable_grad=grad)
+        entry[mode] = float((recomputed - stored).abs().max())
+    out["default_mixed_batches"] = entry
+    trainer.unet.train()
     return out
 
 
@@ -543,6 +617,10 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             # sampled at the update's shape: the recomputed log-probs should match the stored
             r["logprob_gap"] = log.get("logprob_gap")
             r["clip_range"] = cfg.ddpo.clip_range
+
+    with proof.phase("logprob_gap_sources") as r:
+        if r is not None:
+            r.update(logprob_gap_sources(proof, trainer))
 
     with proof.phase("draft_epoch") as r:
         if r is not None:
