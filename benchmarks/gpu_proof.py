@@ -451,6 +451,7 @@ def run(args) -> None:
             "date": time.strftime("%Y-%m-%d"),
             "clip_model": "toy-clip" if smoke else "ViT-L-14",
             "sd15_size": dataclasses.asdict(SD15_CPU if smoke else SD15_FULL),
+            "overrides": args.overrides,
         }
     )
     work = Path(args.work or tempfile.mkdtemp(prefix="gpu-proof-"))
@@ -464,7 +465,7 @@ def run(args) -> None:
     proof.results["setup_seconds"] = round(time.perf_counter() - t0, 1)
     batch = 8  # images per sampling call in the throughput phases (DDPO itself samples in 4s)
 
-    trainer = make_trainer(base, rewards, work / "bf16", smoke)
+    trainer = make_trainer(base, rewards, work / "bf16", smoke, *args.overrides)
     bf16_phases(proof, trainer, base, batch)
     del trainer  # GPU memory back for the trainers of other precisions
     release()
@@ -484,6 +485,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
         "guidance_scale": cfg.sampling.guidance_scale,
         "clip_range": cfg.ddpo.clip_range,
         "train_batch_size": cfg.ddpo.train_batch_size,
+        "shuffle": cfg.ddpo.shuffle,
     }
 
     card = proof.results["card"]
@@ -823,6 +825,13 @@ def main(argv=None) -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU")
     parser.add_argument("--out", type=Path, default=None, help="the JSON to write")
     parser.add_argument("--work", default=None, help="work directory (reused when it exists)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="key=value on sd15.yaml for the bf16 trainer (repeatable)",
+    )
     parser.add_argument("--run", default=None, help="a line on this run (code, machine), kept")
     parser.add_argument("--phases", default=None, help=f"comma-separated subset of {PHASES}")
     parser.add_argument(

@@ -524,7 +524,7 @@ class Trainer:
         gap = torch.zeros((), device=self.device)
         n_terms, updates, accumulate = 0, 0, ddpo.gradient_accumulation
         for _ in range(ddpo.inner_epochs):
-            order = torch.randperm(n, generator=self.generator)
+            order = self._update_order(n)
             starts = list(range(0, n, ddpo.train_batch_size))
             for m, start in enumerate(starts):
                 first = m - m % accumulate  # this optimizer step's first minibatch
@@ -584,6 +584,16 @@ class Trainer:
         stats["logprob_gap"] = [self._check_logprob_gap(gap.item())]
         return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
 
+    def _update_order(self, n: int) -> torch.Tensor:
+        """The epoch's n sample rows in the order the update's minibatches take them: shuffled
+        rows, or (`ddpo.shuffle=batches`) whole sampling batches in shuffled order."""
+        ddpo = self.cfg.ddpo
+        if ddpo.shuffle == "rows":
+            return torch.randperm(n, generator=self.generator)
+        size = ddpo.sample_batch_size
+        batches = torch.randperm(n // size, generator=self.generator)
+        return (batches[:, None] * size + torch.arange(size)).flatten()
+
     def _check_logprob_gap(self, gap: float) -> float:
         """Warn (once per run) when the first update's recomputed log-probs differ from the
         sampled ones by more than `clip_range`: PPO would clip updates the policy never made."""
@@ -592,8 +602,9 @@ class Trainer:
             self._warned_gap = True
             warnings.warn(
                 f"DDPO: the update recomputes log-probs {gap:.2e} away from the sampler's, more "
-                f"than clip_range={clip:g}; sample at the update's shape "
-                f"(ddpo.sample_batch_size=ddpo.train_batch_size) or use mixed_precision=fp16",
+                f"than clip_range={clip:g}; train on whole sampling batches (ddpo.shuffle="
+                f"batches, ddpo.train_batch_size=ddpo.sample_batch_size) or use "
+                f"mixed_precision=no",
                 stacklevel=2,
             )
         return gap

@@ -83,6 +83,12 @@ class DDPOSettings:
     # train minibatches per optimizer step (their gradients are summed, then one step). DDPO's
     # reference takes few, large steps per epoch; 1 = a step per minibatch
     gradient_accumulation: int = 1
+    # how the update's minibatches are drawn from the epoch's samples: "rows" (shuffled rows of
+    # every sampling batch together, as DDPO's reference does) or "batches" (whole sampling
+    # batches in shuffled order; needs train_batch_size == sample_batch_size). On a GPU in bf16
+    # a row's UNet output depends on which rows share its batch, so only "batches" recomputes
+    # the sampler's log-probs exactly (benchmarks/results/gpu_proof-h200-gap.json)
+    shuffle: str = "rows"
 
 
 @dataclass
@@ -293,6 +299,13 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         raise UserError(
             f"sampling.stochastic_steps={cfg.sampling.stochastic_steps}: a policy's own record of "
             "DDPO's window, not a training option; set ddpo.stochastic_window instead"
+        )
+    if cfg.ddpo.shuffle not in ("rows", "batches"):
+        raise UserError(f"ddpo.shuffle={cfg.ddpo.shuffle!r}: use rows or batches")
+    if cfg.ddpo.shuffle == "batches" and cfg.ddpo.train_batch_size != cfg.ddpo.sample_batch_size:
+        raise UserError(
+            f"ddpo.shuffle=batches trains on whole sampling batches: set ddpo.train_batch_size="
+            f"{cfg.ddpo.sample_batch_size} (ddpo.sample_batch_size), or use ddpo.shuffle=rows"
         )
     if cfg.ddpo.stat_fallback not in ("taste", "batch"):
         raise UserError(f"ddpo.stat_fallback={cfg.ddpo.stat_fallback!r}: use taste or batch")
