@@ -25,6 +25,7 @@ import dataclasses
 import gc
 import json
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -444,7 +445,7 @@ def run(args) -> None:
     proof.results.update(
         {
             "run": args.run,
-            "command": "python benchmarks/gpu_proof.py " + " ".join(args.argv),
+            "command": "python benchmarks/gpu_proof.py " + shlex.join(args.argv),
             "card": card or "cpu",
             "smoke": smoke,
             "torch": torch.__version__,

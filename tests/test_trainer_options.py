@@ -270,10 +270,10 @@ def test_ddpo_logs_the_first_updates_logprob_gap_and_warns_when_it_exceeds_clip_
     toy_assets, reward_run, tmp_path, monkeypatch
 ):
     """Before its first optimizer step the update recomputes the sampler's own log-probs: on
-    the update's batch shape the same numbers. A sampler whose stored log-probs are off (as
-    bf16 sampling at another batch shape is on a GPU: 3.5e-4, benchmarks/results/gpu_proof.json)
-    shows in the log, and more than clip_range is warned about: PPO would clip a change the
-    policy never made."""
+    the CPU in float32 the same numbers. A sampler whose stored log-probs are off (as bf16 on a
+    GPU is when a minibatch mixes sampling batches: 2.9e-4 on an H200,
+    benchmarks/results/gpu_proof-h200-gap.json) shows in the log, and more than clip_range is
+    warned about: PPO would clip a change the policy never made."""
     same = "ddpo.sample_batch_size=3", "ddpo.sample_batches=2", "ddpo.train_batch_size=3"
     log = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, *same)).train_epoch()
     assert log["logprob_gap"] == 0.0
@@ -291,6 +291,29 @@ def test_ddpo_logs_the_first_updates_logprob_gap_and_warns_when_it_exceeds_clip_
     with pytest.warns(UserWarning, match="recomputes log-probs 1.00e-03 away"):
         log = trainer.train_epoch()
     assert log["logprob_gap"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_shuffle_batches_trains_each_minibatch_on_one_whole_sampling_batch(
+    toy_assets, reward_run, tmp_path
+):
+    """`ddpo.shuffle=batches`: the update's minibatches are the sampling batches themselves, in
+    an order drawn per pass (bf16 GPU kernels give a row the same output only beside the same
+    rows); `rows` shuffles rows across batches, as DDPO's reference does."""
+    sizes = "ddpo.sample_batch_size=3", "ddpo.sample_batches=4", "ddpo.train_batch_size=3"
+    trainer = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, *sizes, "ddpo.shuffle=batches"))
+    orders = [trainer._update_order(12) for _ in range(20)]
+    for order in orders:
+        chunks = order.view(4, 3)
+        assert (chunks == chunks[:, :1] + torch.arange(3)).all()  # consecutive rows of a batch
+        assert (chunks[:, 0] % 3 == 0).all()  # starting at a batch's first row
+        assert sorted(order.tolist()) == list(range(12))
+    assert len({tuple(o.tolist()) for o in orders}) > 1  # the batches' order is drawn
+    log = trainer.train_epoch()
+    assert log["logprob_gap"] == 0.0 and log["optimizer_steps"] > 0
+
+    rows = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, *sizes))
+    mixed = [rows._update_order(12).view(4, 3) for _ in range(20)]
+    assert any(((m // 3) != (m[:, :1] // 3)).any() for m in mixed)  # rows of several batches
 
 
 def test_diversity_above_base_measures_the_base_aside_and_spares_looks_already_as_varied(
@@ -475,13 +498,25 @@ def test_deterministic_steps_do_not_depend_on_the_generator(toy_assets, reward_r
         ("ddpo.stochastic_window=-1", "ddpo.stochastic_window=-1: steps, >= 0"),
         ("ddpo.window_start=last", "use first or random"),
         ("sampling.stochastic_steps=3", "set ddpo.stochastic_window instead"),
+        ("ddpo.shuffle=prompts", "ddpo.shuffle='prompts': use rows or batches"),
+        ("ddpo.shuffle=batches", "set ddpo.train_batch_size=3 .ddpo.sample_batch_size."),
     ],
 )
-def test_a_stochastic_window_that_cannot_apply_stops_with_a_one_line_error(
+def test_a_ddpo_sampling_option_that_cannot_apply_stops_with_a_one_line_error(
     toy_assets, reward_run, tmp_path, option, message
 ):
     with pytest.raises(UserError, match=message):
-        Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "sampling.steps=6", option))
+        Trainer(
+            ddpo_args(
+                toy_assets,
+                reward_run,
+                tmp_path,
+                "sampling.steps=6",
+                "ddpo.sample_batch_size=3",
+                "ddpo.train_batch_size=4",
+                option,
+            )
+        )
 
 
 def test_a_window_as_long_as_the_sampler_makes_every_step_stochastic(
