@@ -90,6 +90,13 @@ class TasteConditioningConfig:
     # None, in a training config: the method's own, on for DDPO with LoRA experts and off for
     # DRaFT (see README); a built conditioner has True or False
     expert_tokens: bool | None = None
+    # with `expert_tokens`: each module reads the taste relative to its routed centroid (z minus
+    # the gate-weighted centroids) and the null taste as it is, so a module copied from one
+    # cluster's slot into another's (`restart_experts`) reads for the new cluster's taste what it
+    # read for its own, and draws what it drew. None, in a training config: on with
+    # `expert_tokens`; a built conditioner has True or False (False: a conditioner saved before
+    # the option, whose modules read z itself)
+    centred_experts: bool | None = None
 
 
 class TasteEmbeddingSlot(nn.Module):
@@ -229,6 +236,12 @@ class TasteConditioner(nn.Module):
                 copy.deepcopy(nn.Sequential(self.mlp, self.proj_out))
                 for _ in range(config.experts - 1)
             )
+        if config.centred_experts and not config.expert_tokens:
+            raise UserError(
+                "conditioning.centred_experts=true centres the input of each taste cluster's own "
+                "taste module, so it needs conditioning.expert_tokens=true; set "
+                "conditioning.centred_experts=false"
+            )
         if config.experts:  # filled by `set_experts`; saved with the conditioner's weights
             self.register_buffer("expert_centroids", torch.zeros(config.experts, config.taste_dim))
             self.register_buffer("expert_temperature", torch.ones(()))
@@ -278,6 +291,12 @@ class TasteConditioner(nn.Module):
         """[batch, taste_dim] the learned "no preference" taste."""
         return self.null.unsqueeze(0).expand(batch, -1)
 
+    def is_null(self, z: torch.Tensor) -> torch.Tensor:
+        """[B, 1]: which rows of z [B, taste_dim] are the null taste. Every null row is a copy
+        of the `null` parameter (`null_taste`, `drop_taste`), compared in z's dtype, so it is
+        recognised exactly; a taste equal to it in every element is the null taste."""
+        return (z == self.null.to(z.dtype)).all(-1, keepdim=True)
+
     def drop_taste(
         self, z: torch.Tensor, p: float | None = None, generator: torch.Generator | None = None
     ) -> torch.Tensor:
@@ -301,6 +320,8 @@ class TasteConditioner(nn.Module):
         if self.config.expert_tokens:
             route = z if route is None else route
             gates = expert_gates(route, self.expert_centroids, self.expert_temperature)
+            if self.config.centred_experts:
+                h = torch.where(self.is_null(z), h, h - gates.to(h.dtype) @ self.expert_centroids)
             modules = [self.expert_module(k) for k in range(self.config.experts)]
             per_expert = torch.stack([m(h) for m in modules], dim=1)  # [B, E, n_out]
             out = (gates.to(per_expert.dtype)[..., None] * per_expert).sum(1)

@@ -154,12 +154,16 @@ class Trainer:
             tokens = cfg.conditioning.expert_tokens
             if tokens is None:  # the method's own: with DDPO each expert its own taste module
                 tokens = cfg.method == "ddpo" and n_experts > 1
+            centred = cfg.conditioning.centred_experts
+            if centred is None:  # a new run centres its taste modules' inputs
+                centred = tokens
             conditioning = dataclasses.replace(
                 cfg.conditioning,
                 taste_dim=self.rewards.taste_dim,
                 experts=n_experts if n_experts > 1 else 0,
                 shared_expert=shared,
                 expert_tokens=tokens,
+                centred_experts=centred,
             )
             self.conditioner = TasteConditioner.for_unet(conditioning, self.unet).to(self.device)
             if n_experts > 1:

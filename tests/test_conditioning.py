@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
@@ -175,7 +177,9 @@ def test_detach_restores_plain_cross_attention_and_forward_notices_missing_attac
         torch.testing.assert_close(plain, unet(latents, t, encoder_hidden_states=text).sample)
 
 
-def expert_token_conditioner(expert_tokens: bool = True) -> TasteConditioner:
+def expert_token_conditioner(
+    expert_tokens: bool = True, centred_experts: bool = False
+) -> TasteConditioner:
     config = TasteConditioningConfig(
         taste_dim=TASTE_DIM,
         n_tokens=2,
@@ -183,6 +187,7 @@ def expert_token_conditioner(expert_tokens: bool = True) -> TasteConditioner:
         out_dim=8,
         experts=3,
         expert_tokens=expert_tokens,
+        centred_experts=centred_experts,
     )
     conditioner = TasteConditioner(config)
     conditioner.set_experts(3.0 * torch.eye(3, TASTE_DIM))  # three well-separated clusters
@@ -237,6 +242,50 @@ def test_expert_tokens_route_the_null_taste_through_the_asked_tastes_module():
     assert routed_moved < 0.1 * mixed_moved, (routed_moved, mixed_moved)
 
 
+def cfg_halves(conditioner: TasteConditioner, centroids: torch.Tensor, k: int) -> torch.Tensor:
+    """The tokens of [null; cluster k's taste], both routed by cluster k, as CFG asks them."""
+    z = torch.cat([conditioner.null_taste(1), centroids[k : k + 1]])
+    return conditioner(z, route=centroids[k : k + 1].repeat(2, 1))
+
+
+def test_a_centred_expert_module_copied_into_another_clusters_slot_draws_what_it_drew():
+    """`centred_experts`: cluster 0's module copied into cluster 2's slot (as `restart_experts`
+    copies it) reads for cluster 2's taste what it read for cluster 0's, the taste minus its
+    centroid, and the null taste as it is: both CFG halves of cluster 2 are then what cluster 0's
+    were. A module reading z itself draws something else for the new cluster's taste."""
+    centroids = 3.0 * torch.eye(3, TASTE_DIM)
+    for centred in (True, False):
+        conditioner = expert_token_conditioner(centred_experts=centred)
+        conditioner.expert_temperature.fill_(1e-3)  # hard gates: each cluster its own module
+        with torch.no_grad():
+            for p in conditioner.parameters():
+                p.add_(0.3 * torch.randn_like(p, generator=torch.Generator().manual_seed(0)))
+
+            before = cfg_halves(conditioner, centroids, 0)
+            conditioner.expert_module(2).load_state_dict(conditioner.expert_module(0).state_dict())
+            after = cfg_halves(conditioner, centroids, 2)
+        if centred:
+            torch.testing.assert_close(after, before)
+        else:
+            assert not torch.allclose(after[1], before[1], atol=1e-3)  # the conditional half
+
+
+def test_the_null_taste_is_recognised_in_any_dtype_and_read_as_it_is():
+    conditioner = expert_token_conditioner(centred_experts=True)
+    with torch.no_grad():
+        conditioner.null.add_(0.1234567)  # learned: not a round number in bf16
+    z = torch.randn(5, TASTE_DIM)
+    for dtype in (torch.float32, torch.bfloat16):
+        dropped = conditioner.drop_taste(z.to(dtype), 1.0)
+        assert conditioner.is_null(dropped).all()
+        assert not conditioner.is_null(z.to(dtype)).any()
+    mixed = conditioner.drop_taste(z, 0.5, torch.Generator().manual_seed(0))
+    null_rows = conditioner.is_null(mixed).squeeze(1)
+    assert 0 < null_rows.sum() < len(z)
+    with pytest.raises(UserError, match="centred_experts=true .* needs conditioning.expert_tokens"):
+        expert_token_conditioner(expert_tokens=False, centred_experts=True)
+
+
 def test_expert_tokens_are_identity_at_init_round_trip_and_need_experts(tmp_path):
     conditioner = expert_token_conditioner()
     z = torch.randn(4, TASTE_DIM)
@@ -251,6 +300,23 @@ def test_expert_tokens_are_identity_at_init_round_trip_and_need_experts(tmp_path
     assert loaded.config.expert_tokens
     with torch.no_grad():
         torch.testing.assert_close(loaded(z), expected)
+
+    # centred: saved and loaded as such; a conditioner saved before the option (no key in its
+    # config) loads as it was trained, reading z itself
+    centred = expert_token_conditioner(centred_experts=True)
+    centred.load_state_dict(conditioner.state_dict())
+    save_taste_conditioner(centred, tmp_path / "centred")
+    loaded = load_taste_conditioner(tmp_path / "centred")
+    assert loaded.config.centred_experts
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z), centred(z))
+        assert not torch.allclose(loaded(z), expected, atol=1e-3)
+    config_file = tmp_path / "centred" / "config.json"
+    old = json.loads(config_file.read_text())
+    del old["centred_experts"]
+    config_file.write_text(json.dumps(old))
+    with torch.no_grad():
+        torch.testing.assert_close(load_taste_conditioner(tmp_path / "centred")(z), expected)
     config = TasteConditioningConfig(taste_dim=TASTE_DIM, out_dim=8, expert_tokens=True)
     with pytest.raises(UserError, match="conditioning.expert_tokens=true .* needs lora.experts"):
         TasteConditioner(config)

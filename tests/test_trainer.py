@@ -452,6 +452,7 @@ def test_the_shared_expert_block_and_taste_modules_are_the_methods_own(
     assert a.shape[0] == blocks * cfg.lora.rank
     assert trainer.conditioner.config.shared_expert == (method == "draft")
     assert trainer.conditioner.config.expert_tokens == (method == "ddpo")
+    assert trainer.conditioner.config.centred_experts == (method == "ddpo")
     assert hasattr(trainer.conditioner, "expert_modules") == (method == "ddpo")
 
 
