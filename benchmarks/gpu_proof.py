@@ -93,6 +93,10 @@ def bf16_peak(card: str) -> float | None:
     return None
 
 
+def error_line(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 class Proof:
     """The JSON being written, and the phases' measurement and error handling."""
 
@@ -124,7 +128,7 @@ class Proof:
         try:
             yield entry
         except Exception as e:  # a benchmark harness: record any failure, run the next phase
-            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            entry["error"] = error_line(e)
             entry["traceback"] = traceback.format_exc().splitlines()[-6:]
         self.sync()
         entry.setdefault("seconds", round(time.perf_counter() - t0, 3))
@@ -227,15 +231,15 @@ def sample_batch(trainer: Trainer, batch: int, grad_last_steps: int = 0):
 def step_log_probs(
     trainer: Trainer,
     traj,
-    z,
     rows: torch.Tensor,
     steps: list[int],
     grad: bool,
     enable_grad: bool | None = None,
 ):
     """The policy's log-probs [len(steps), B] of the stored steps of `rows`, recomputed as the
-    DDPO update does (`guided_noise` + `ddim_step_with_logprob` in `trainer.precision()`); with
-    `grad` each step's PPO loss (advantage 1) is backpropagated as the update would.
+    DDPO update does (`guided_noise` + `ddim_step_with_logprob` in `trainer.precision()`), for
+    the tastes the sampler was given (`traj.taste`: the null taste where taste dropout drew
+    it); with `grad` each step's PPO loss (advantage 1) is backpropagated as the update would.
     `enable_grad` (default: `grad`) runs the forward with autograd on, without a backward."""
     out = []
     for j in steps:
@@ -248,7 +252,7 @@ def step_log_probs(
                     traj.timesteps[j],
                     traj.prompt_embeds[rows],
                     traj.negative_embeds[rows],
-                    None if z is None else z[rows],
+                    None if traj.taste is None else traj.taste[rows],
                     trainer.cfg.sampling.guidance_scale,
                 )
             _, log_prob = ddim_step_with_logprob(
@@ -264,6 +268,22 @@ def step_log_probs(
                 trainer.accelerator.backward(-ratio.mean() / len(steps))
         out.append(log_prob.detach())
     return torch.stack(out)
+
+
+def first_step_noise(trainer: Trainer, traj) -> torch.Tensor:
+    """The trainer's guided prediction at the first stored step of every row of `traj` (for
+    the tastes it was sampled for), no grad, in `trainer.precision()`."""
+    with torch.no_grad(), trainer.precision():
+        return guided_noise(
+            trainer.unet,
+            trainer.conditioner,
+            traj.latents[:, 0],
+            traj.timesteps[0],
+            traj.prompt_embeds,
+            traj.negative_embeds,
+            traj.taste,
+            trainer.cfg.sampling.guidance_scale,
+        )
 
 
 def trainable_steps(trainer: Trainer, traj) -> list[int]:
@@ -320,36 +340,23 @@ def unet_variants(proof: Proof, trainer: Trainer, base: Path, traj, batch: int) 
     return out
 
 
-def unet_compile(proof: Proof, trainer: Trainer, traj, z) -> dict:
+def unet_compile(proof: Proof, trainer: Trainer, traj) -> dict:
     """One guided UNet call of the trainer's UNet (LoRA and taste module attached, no grad)
     eager, then under `torch.compile`: the first compiled call's seconds (compilation) and the
     speed-up; a whole sampling call eager and compiled. Last of the bf16 phases: the trainer's
     UNet is left compiled."""
-    cfg = trainer.cfg
-    x = traj.latents[:, 0]
 
-    def forward(unet):
-        with torch.no_grad(), trainer.precision():
-            return guided_noise(
-                unet,
-                trainer.conditioner,
-                x,
-                traj.timesteps[0],
-                traj.prompt_embeds,
-                traj.negative_embeds,
-                z,
-                cfg.sampling.guidance_scale,
-            )
+    def forward():
+        return first_step_noise(trainer, traj)
 
-    unet = trainer.unet
-    proof.timed(lambda: forward(unet), repeats=2)  # warm-up
-    eager_out, eager_s = proof.timed(lambda: forward(unet), repeats=5)
-    batch = len(x)
+    proof.timed(forward, repeats=2)  # warm-up
+    eager_out, eager_s = proof.timed(forward, repeats=5)
+    batch = len(traj.latents)
     _, eager_sample_s = proof.timed(lambda: sample_batch(trainer, batch))
-    unet.compile()  # in place: the module is called compiled wherever the trainer calls it
-    _, first_s = proof.timed(lambda: forward(unet))
-    proof.timed(lambda: forward(unet), repeats=2)  # shapes settle, recompiles if any
-    compiled_out, compiled_s = proof.timed(lambda: forward(unet), repeats=5)
+    trainer.unet.compile()  # in place: the module is called compiled wherever the trainer calls it
+    _, first_s = proof.timed(forward)
+    proof.timed(forward, repeats=2)  # shapes settle, recompiles if any
+    compiled_out, compiled_s = proof.timed(forward, repeats=5)
     sample_batch(trainer, batch)  # the sampler's own calls (each timestep) compiled
     _, compiled_sample_s = proof.timed(lambda: sample_batch(trainer, batch))
     out = {
@@ -362,6 +369,27 @@ def unet_compile(proof: Proof, trainer: Trainer, traj, z) -> dict:
         "sampler_images_per_s_eager": round(batch / eager_sample_s, 3),
         "sampler_images_per_s_compiled": round(batch / compiled_sample_s, 3),
     }
+    return out
+
+
+GAP_MODES = {  # name: (train mode, autograd on)
+    "no_grad_eval": (False, False),  # as the sampler ran
+    "no_grad_train": (True, False),
+    "grad_train": (True, True),  # as the update runs (no backward here)
+}
+
+
+def largest_gaps(trainer: Trainer, traj, rows, modes) -> dict[str, float]:
+    """Per mode of `GAP_MODES`: the largest |recomputed - stored| log-prob of `rows` over the
+    trainable steps of `traj`."""
+    steps = trainable_steps(trainer, traj)
+    stored = traj.log_probs[rows][:, steps].T
+    out = {}
+    for mode in modes:
+        train, grad = GAP_MODES[mode]
+        trainer.unet.train(train)
+        recomputed = step_log_probs(trainer, traj, rows, steps, grad=False, enable_grad=grad)
+        out[mode] = float((recomputed - stored).abs().max())
     return out
 
 
@@ -388,42 +416,30 @@ def logprob_gap_sources(proof: Proof, trainer: Trainer) -> dict:
         try:
             with context:
                 trainer.unet.eval()
-                _, _, z, traj = sample_batch(trainer, len(rows))
-                steps = trainable_steps(trainer, traj)
-                stored = traj.log_probs[rows][:, steps].T
-                for mode, train, grad in (
-                    ("no_grad_eval", False, False),
-                    ("no_grad_train", True, False),
-                    ("grad_train", True, True),
-                ):
-                    trainer.unet.train(train)
-                    recomputed = step_log_probs(
-                        trainer, traj, z, rows, steps, grad=False, enable_grad=grad
-                    )
-                    entry[mode] = float((recomputed - stored).abs().max())
+                traj = sample_batch(trainer, len(rows))[3]
+                entry.update(largest_gaps(trainer, traj, rows, GAP_MODES))
         except Exception as e:  # a backend this card or shape does not have
-            entry["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            entry["error"] = error_line(e)
         out[name] = entry
     # the update's minibatch mixes rows of different sampling batches: two batches sampled,
     # rows of both recomputed together (default backend)
     trainer.unet.eval()
     n = len(rows)
-    (_, _, z1, a), (_, _, z2, b) = sample_batch(trainer, n), sample_batch(trainer, n)
+    a, b = sample_batch(trainer, n)[3], sample_batch(trainer, n)[3]
     half = n // 2
-    fields = ("latents", "prompt_embeds", "negative_embeds", "log_probs")
+    fields = ("latents", "prompt_embeds", "negative_embeds", "log_probs", "taste")
     mixed = types.SimpleNamespace(
         timesteps=a.timesteps,
-        **{f: torch.cat([getattr(a, f)[:half], getattr(b, f)[: n - half]]) for f in fields},
+        **{
+            f: None
+            if getattr(a, f) is None
+            else torch.cat([getattr(a, f)[:half], getattr(b, f)[: n - half]])
+            for f in fields
+        },
     )
-    zm = None if z1 is None else torch.cat([z1[:half], z2[: n - half]])
-    steps = trainable_steps(trainer, a)
-    stored = mixed.log_probs[rows][:, steps].T
-    entry = {}
-    for mode, train, grad in (("no_grad_eval", False, False), ("grad_train", True, True)):
-        trainer.unet.train(train)
-        recomputed = step_log_probs(trainer, mixed, zm, rows, steps, grad=False, enable_grad=grad)
-        entry[mode] = float((recomputed - stored).abs().max())
-    out["default_mixed_batches"] = entry
+    out["default_mixed_batches"] = largest_gaps(
+        trainer, mixed, rows, ("no_grad_eval", "grad_train")
+    )
     trainer.unet.train()
     return out
 
@@ -578,12 +594,10 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
                 # each step's loss is backpropagated on its own, so the peak is one step's and
                 # the time is linear in the steps: a few of them measure both
                 steps = all_steps[: proof.minibatch_steps]
-                step_log_probs(trainer, traj, z, rows, steps[:1], True)  # kernels' first use
+                step_log_probs(trainer, traj, rows, steps[:1], True)  # kernels' first use
                 trainer.optimizer.zero_grad(set_to_none=True)
                 _, seconds = proof.timed(
-                    lambda rows=rows, steps=steps: step_log_probs(
-                        trainer, traj, z, rows, steps, True
-                    )
+                    lambda rows=rows, steps=steps: step_log_probs(trainer, traj, rows, steps, True)
                 )
                 trainer.optimizer.zero_grad(set_to_none=True)
                 trainer.unet.disable_gradient_checkpointing()
@@ -617,7 +631,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             r["ddpo_epoch_s"] = round(ddpo_s, 2)
             r["ddpo_optimizer_steps"] = log.get("optimizer_steps")
             r["ddpo_images"] = cfg.ddpo.sample_batch_size * cfg.ddpo.sample_batches
-            # sampled at the update's shape: the recomputed log-probs should match the stored
+            # 0 when the update recomputes the sampler's batches as sampled (ddpo.shuffle=batches)
             r["logprob_gap"] = log.get("logprob_gap")
             r["clip_range"] = cfg.ddpo.clip_range
 
@@ -688,17 +702,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
             x = traj.latents[:, 0]
 
             def forward():
-                with torch.no_grad(), trainer.precision():
-                    return guided_noise(
-                        trainer.unet,
-                        trainer.conditioner,
-                        x,
-                        traj.timesteps[0],
-                        traj.prompt_embeds,
-                        traj.negative_embeds,
-                        z,
-                        cfg.sampling.guidance_scale,
-                    )
+                return first_step_noise(trainer, traj)
 
             counter = FlopCounterMode(display=False)
             with counter:
@@ -756,7 +760,7 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
 
     with proof.phase("unet_compile") as r:
         if r is not None:
-            r.update(unet_compile(proof, trainer, traj, z))
+            r.update(unet_compile(proof, trainer, traj))
 
 
 def precision_phases(proof: Proof, base: Path, rewards: Path, work: Path, smoke: bool, batch):
@@ -773,10 +777,10 @@ def precision_phases(proof: Proof, base: Path, rewards: Path, work: Path, smoke:
                 for autocast in (False, True) if mp != "no" else (False,):
                     for sampled in (batch, len(rows)):
                         t.cfg.autocast = autocast
-                        _, _, zz, tr = sample_batch(t, sampled)
+                        tr = sample_batch(t, sampled)[3]
                         steps = trainable_steps(t, tr)
                         t.unet.train()
-                        recomputed = step_log_probs(t, tr, zz, rows, steps, grad=False)  # [S, B]
+                        recomputed = step_log_probs(t, tr, rows, steps, grad=False)  # [S, B]
                         stored = tr.log_probs[rows][:, steps].T
                         diff = (recomputed - stored).abs()
                         clip = t.cfg.ddpo.clip_range
