@@ -169,6 +169,8 @@ class Trainer:
             if n_experts > 1:
                 self.conditioner.set_experts(self.rewards.cluster_tastes)
             self.conditioner.attach(self.unet)
+        if cfg.compile_unet:
+            self.unet.compile()  # in place: every caller (sampler, update, policy) runs compiled
         self.tastes, self.taste_names, self.taste_weights = self._taste_table()
         # what is trained and saved: the LoRA, the taste module, and how it samples
         self.policy = TastePolicy(
@@ -523,12 +525,52 @@ class Trainer:
         self.unet.train()
         names = ["loss", "approx_kl", "clipfrac"] + (["kl_to_base"] if ddpo.kl_weight > 0 else [])
         totals = {name: torch.zeros((), device=self.device) for name in names}
-        # before the first optimizer step the policy is the one that sampled, so any difference
-        # between the recomputed and the stored log-probs is arithmetic (precision, batch shape)
-        gap = torch.zeros((), device=self.device)
+
+        def step_log_prob(rows, rows_cpu, j):
+            """The policy's noise prediction and log-prob of step j for sample rows, as the
+            update computes them (train mode, autograd on)."""
+            z = None if z_all is None else self._policy_taste(z_all[rows], taste[rows_cpu])
+            with self.precision():
+                noise_pred = guided_noise(
+                    self.unet,
+                    self.conditioner,
+                    latents[rows, j],
+                    timesteps[j],
+                    embeds[rows],
+                    negative[rows],
+                    z,
+                    cfg.sampling.guidance_scale,
+                )
+            _, log_prob = ddim_step_with_logprob(
+                scheduler,
+                noise_pred,
+                timesteps[j],
+                latents[rows, j],
+                eta=cfg.sampling.eta,
+                prev_sample=latents[rows, j + 1],
+            )
+            return noise_pred, log_prob
+
+        first_order = self._update_order(n)  # the later inner epochs draw theirs when they start
+        if ddpo.old_log_probs == "update":
+            # the behaviour policy's log-probs from the update's own arithmetic (its graph, its
+            # minibatches), before any optimizer step: a compiled or bf16 UNet whose sampler
+            # runs other kernels then starts every update at a ratio of exactly 1
+            sampled, old_log_probs = old_log_probs, old_log_probs.clone()
+            for start in range(0, n, ddpo.train_batch_size):
+                rows_cpu = first_order[start : start + ddpo.train_batch_size]
+                rows = rows_cpu.to(self.device)
+                for j in trainable.tolist():
+                    old_log_probs[rows, j] = step_log_prob(rows, rows_cpu, j)[1].detach()
+            # what the sampler's arithmetic would have put the first update off by
+            gap = (old_log_probs - sampled)[:, trainable].abs().max()
+        else:
+            # before the first optimizer step the policy is the one that sampled, so any
+            # difference between the recomputed and the stored log-probs is arithmetic
+            gap = torch.zeros((), device=self.device)
         n_terms, updates, accumulate = 0, 0, ddpo.gradient_accumulation
-        for _ in range(ddpo.inner_epochs):
-            order = self._update_order(n)
+        for inner in range(ddpo.inner_epochs):
+            order = first_order if inner == 0 else self._update_order(n)
             starts = list(range(0, n, ddpo.train_batch_size))
             for m, start in enumerate(starts):
                 first = m - m % accumulate  # this optimizer step's first minibatch
@@ -542,26 +584,7 @@ class Trainer:
                 ]
                 for j in steps.tolist():
                     # per step: each backward frees its graph, the null taste's included
-                    z = None if z_all is None else self._policy_taste(z_all[rows], taste[rows_cpu])
-                    with self.precision():
-                        noise_pred = guided_noise(
-                            self.unet,
-                            self.conditioner,
-                            latents[rows, j],
-                            timesteps[j],
-                            embeds[rows],
-                            negative[rows],
-                            z,
-                            cfg.sampling.guidance_scale,
-                        )
-                    _, log_prob = ddim_step_with_logprob(
-                        scheduler,
-                        noise_pred,
-                        timesteps[j],
-                        latents[rows, j],
-                        eta=cfg.sampling.eta,
-                        prev_sample=latents[rows, j + 1],
-                    )
+                    noise_pred, log_prob = step_log_prob(rows, rows_cpu, j)
                     ratio = torch.exp(log_prob - old_log_probs[rows, j])
                     adv = advantages[rows]
                     clipped = torch.clamp(ratio, 1 - ddpo.clip_range, 1 + ddpo.clip_range)
@@ -575,7 +598,7 @@ class Trainer:
                     self.accelerator.backward(loss / (len(steps) * group))
                     totals["loss"] += loss.detach()
                     log_ratio = (log_prob - old_log_probs[rows, j]).detach()
-                    if updates == 0:
+                    if updates == 0 and ddpo.old_log_probs == "sampler":
                         gap = torch.maximum(gap, log_ratio.abs().max())
                     totals["approx_kl"] += 0.5 * (log_ratio**2).mean()
                     totals["clipfrac"] += ((ratio - 1).abs() > ddpo.clip_range).float().mean()
@@ -602,13 +625,14 @@ class Trainer:
         """Warn (once per run) when the first update's recomputed log-probs differ from the
         sampled ones by more than `clip_range`: PPO would clip updates the policy never made."""
         clip = self.cfg.ddpo.clip_range
-        if gap > clip and not self._warned_gap:
+        if gap > clip and self.cfg.ddpo.old_log_probs == "sampler" and not self._warned_gap:
             self._warned_gap = True
             warnings.warn(
                 f"DDPO: the update recomputes log-probs {gap:.2e} away from the sampler's, more "
                 f"than clip_range={clip:g}; train on whole sampling batches (ddpo.shuffle="
-                f"batches, ddpo.train_batch_size=ddpo.sample_batch_size) or use "
-                f"mixed_precision=no",
+                f"batches, ddpo.train_batch_size=ddpo.sample_batch_size), take the old "
+                f"log-probs from the update (ddpo.old_log_probs=update, e.g. with "
+                f"compile_unet=true) or use mixed_precision=no",
                 stacklevel=2,
             )
         return gap

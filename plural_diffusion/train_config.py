@@ -89,6 +89,15 @@ class DDPOSettings:
     # a row's UNet output depends on which rows share its batch, so only "batches" recomputes
     # the sampler's log-probs exactly (benchmarks/results/gpu_proof-h200-gap.json)
     shuffle: str = "rows"
+    # where the PPO ratio's old log-probs come from: "sampler" (stored while sampling, as DDPO's
+    # reference) or "update" (recomputed by the update's own forward before its first optimizer
+    # step: one more forward per trainable step, about a third more update time). A compiled
+    # UNet (compile_unet) runs other kernels with autograd on than off, and in bf16 that put the
+    # sampler's log-probs 1e-3 off the update's, 10x clip_range
+    # (benchmarks/results/gpu_proof-h200-compile.json); "update" starts every update at a
+    # ratio of 1. With shuffle=rows only the first inner epoch's minibatches are the ones
+    # recomputed
+    old_log_probs: str = "sampler"
 
 
 @dataclass
@@ -200,6 +209,10 @@ class TrainConfig:
     # "xformers" needs xformers installed and CUDA, and does not compose with taste tokens
     # (their attention processors use PyTorch SDPA): taste-blind objectives or mode=timestep
     attention: Literal["sdpa", "xformers"] = "sdpa"
+    # torch.compile the UNet in place, so sampling and the update both run compiled (compiling
+    # one of them only would put DDPO's recomputed log-probs off the sampler's). The first epoch
+    # pays the compilation; see the README's H200 section for what it buys there
+    compile_unet: bool = False
     allow_tf32: bool = True  # TF32 matmuls on GPUs that have them (Ampere and newer)
     # image side in pixels; None: the base model's own (512 for SD 1.5)
     resolution: int | None = None
@@ -302,6 +315,8 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         )
     if cfg.ddpo.shuffle not in ("rows", "batches"):
         raise UserError(f"ddpo.shuffle={cfg.ddpo.shuffle!r}: use rows or batches")
+    if cfg.ddpo.old_log_probs not in ("sampler", "update"):
+        raise UserError(f"ddpo.old_log_probs={cfg.ddpo.old_log_probs!r}: use sampler or update")
     if cfg.ddpo.shuffle == "batches" and cfg.ddpo.train_batch_size != cfg.ddpo.sample_batch_size:
         raise UserError(
             f"ddpo.shuffle=batches trains on whole sampling batches: set ddpo.train_batch_size="

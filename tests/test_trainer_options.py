@@ -3,6 +3,7 @@ scaling, gradient accumulation, rewards in float32, decoder checkpointing, taste
 a checkpoint that loads without unpickling."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -291,6 +292,58 @@ def test_ddpo_logs_the_first_updates_logprob_gap_and_warns_when_it_exceeds_clip_
     with pytest.warns(UserWarning, match="recomputes log-probs 1.00e-03 away"):
         log = trainer.train_epoch()
     assert log["logprob_gap"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_old_log_probs_from_the_update_start_it_at_a_ratio_of_one_whatever_the_sampler_stored(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    """`ddpo.old_log_probs=update`: the PPO ratio's denominator is the update's own forward
+    before its first optimizer step, so a sampler whose arithmetic differs (a compiled UNet in
+    bf16 on an H200: 1e-3, benchmarks/results/gpu_proof-h200-compile.json) clips nothing in
+    that step; the log still shows how far the sampler was, without the warning. With the
+    stored log-probs ("sampler") every term of that step is clipped."""
+    one_step = (  # one minibatch, one optimizer step: every term before it
+        "ddpo.sample_batch_size=3",
+        "ddpo.sample_batches=1",
+        "ddpo.train_batch_size=3",
+        "ddpo.clip_range=5e-4",
+    )
+    logs = {}
+    for source in ("sampler", "update"):
+        trainer = Trainer(
+            ddpo_args(toy_assets, reward_run, tmp_path, *one_step, f"ddpo.old_log_probs={source}")
+        )
+        sample = trainer.policy.sample
+
+        def off_by(*args, _sample=sample, **kwargs):
+            traj = _sample(*args, **kwargs)
+            traj.log_probs += 1e-3
+            return traj
+
+        monkeypatch.setattr(trainer.policy, "sample", off_by)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            logs[source] = trainer.train_epoch()
+        warned = any("recomputes log-probs" in str(w.message) for w in caught)
+        assert warned == (source == "sampler")
+    assert logs["sampler"]["clipfrac"] == 1.0
+    assert logs["update"]["clipfrac"] == 0.0 and logs["update"]["approx_kl"] == 0.0
+    for log in logs.values():
+        assert log["logprob_gap"] == pytest.approx(1e-3, rel=1e-3)
+    with pytest.raises(UserError, match="ddpo.old_log_probs='cached': use sampler or update"):
+        Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "ddpo.old_log_probs=cached"))
+
+
+def test_compile_unet_compiles_the_unet_in_place_for_every_caller(toy_assets, reward_run, tmp_path):
+    """`compile_unet=true`: the UNet the sampler, the update and the saved policy call is the one
+    module, compiled in place (its parameters' names unchanged); the compiled run itself is
+    measured on a GPU (gpu_proof --set compile_unet=true)."""
+    trainer = Trainer(ddpo_args(toy_assets, reward_run, tmp_path, "compile_unet=true"))
+    assert trainer.unet._compiled_call_impl is not None
+    assert trainer.policy.pipe.unet is trainer.unet
+    plain = Trainer(ddpo_args(toy_assets, reward_run, tmp_path))
+    assert plain.unet._compiled_call_impl is None
+    assert trainer.unet.state_dict().keys() == plain.unet.state_dict().keys()
 
 
 def test_shuffle_batches_trains_each_minibatch_on_one_whole_sampling_batch(
