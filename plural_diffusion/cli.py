@@ -121,6 +121,7 @@ def cmd_generate(args) -> int:
         device=args.device,
         dtype=_model_dtype(args),
         lottery=args.lottery,
+        compile_unet=args.compile,
     )
     n = sum(len(p["images"]) for p in manifest["prompts"])
     tastes = ", ".join(t["label"] for t in manifest["tastes"])
@@ -247,6 +248,7 @@ def cmd_evaluate(args) -> int:
         batch_size=args.batch_size,
         curve_images_per_prompt=args.curve_seeds,
         dtype=_model_dtype(args),
+        compile_unet=args.compile,
     )
     baseline = args.baseline or ("mean" if "mean" in policies else "base")
     lotteries = {}
@@ -379,6 +381,11 @@ def _add_policy_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling call")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     _add_dtype_arg(p)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the UNet: on a GPU ~1.6x the images/s after a minute of compiling",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -53,6 +53,7 @@ class EvalConfig:
     # the UNet's, VAE's and text encoder's dtype: fp32, bf16 or fp16 (a GPU's; the LoRA and the
     # taste module stay float32)
     dtype: str = "fp32"
+    compile_unet: bool = False  # torch.compile each policy's UNet (pays off on a GPU)
 
     @property
     def seeds(self) -> list[int]:
@@ -310,14 +311,18 @@ def overoptimisation_curve(
         rows = _first_seeds(len(cfg.prompts), len(cfg.seeds), len(seeds))
         add(0, base_scored[0].subset(rows))
     else:
-        base_policy = TastePolicy.from_pretrained(base, device=device, dtype=cfg.dtype)
+        base_policy = TastePolicy.from_pretrained(
+            base, device=device, dtype=cfg.dtype, compile_unet=cfg.compile_unet
+        )
         images = generate_per_taste(base_policy, rewards, cfg, run_settings, seeds)
         add(0, score_images(images, rewards, gold_fn))
         del base_policy
     policy = None  # one pipeline for the whole run; each checkpoint swaps its weights in
     for epoch, path in tqdm(series, desc="checkpoints", disable=not progress, leave=False):
         if policy is None:
-            policy = TastePolicy.from_pretrained(base, path, device=device, dtype=cfg.dtype)
+            policy = TastePolicy.from_pretrained(
+                base, path, device=device, dtype=cfg.dtype, compile_unet=cfg.compile_unet
+            )
         else:
             policy.load_checkpoint(path)
         images = generate_per_taste(policy, rewards, cfg, policy.settings(cfg.sampling), seeds)
@@ -403,7 +408,9 @@ def evaluate_policies(
     bar = tqdm(policies.items(), desc="policies", disable=not progress)
     for name, checkpoint in bar:
         bar.set_postfix(policy=name)
-        policy = TastePolicy.from_pretrained(base, checkpoint, device=device, dtype=cfg.dtype)
+        policy = TastePolicy.from_pretrained(
+            base, checkpoint, device=device, dtype=cfg.dtype, compile_unet=cfg.compile_unet
+        )
         settings = base_settings if checkpoint is None else policy.settings(cfg.sampling)
         if not _same_sampler(settings, base_settings):
             warnings.warn(

@@ -349,6 +349,7 @@ def run_generate(
     progress: bool = True,
     dtype: str = "fp32",
     lottery: str | Path | None = None,
+    compile_unet: bool = False,
 ) -> dict:
     """What `plural-diffusion generate` does. Base, rewards, prompts and the sampler (steps,
     guidance, eta, negative prompt) default to the ones the checkpoint was trained with;
@@ -403,7 +404,11 @@ def run_generate(
         check_tastes(info, tastes + ends)  # a taste-blind policy takes only 'mean'
 
     policy = TastePolicy.from_pretrained(
-        base, None if info is None else info.path, device=device, dtype=dtype
+        base,
+        None if info is None else info.path,
+        device=device,
+        dtype=dtype,
+        compile_unet=compile_unet,
     )
     if ends:
         null = None if policy.conditioner is None else policy.conditioner.null.detach().cpu()

@@ -106,6 +106,19 @@ def test_dtype_bf16_runs_the_frozen_models_in_bfloat16_and_draws_nearly_the_same
     assert np.abs(a - b).mean() < 8, np.abs(a - b).mean()  # bf16 rounding, the same image
 
 
+def test_compile_compiles_the_policys_unet_in_place(matched_run, tmp_path, capsys, monkeypatch):
+    """`--compile` torch.compiles the UNet the sampler calls (measured on a GPU, where it pays:
+    README, "Measured on an H200"); here the compile call is recorded, not run, as compiling
+    takes minutes on a CPU."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module: compiled.append(module))
+    args = ["--checkpoint", str(matched_run / "checkpoints" / "epoch-0002"), "--seed-list", "3"]
+    generate([*args, "--taste", "cluster:vivid"], tmp_path / "plain", capsys)
+    assert compiled == []
+    generate([*args, "--taste", "cluster:vivid", "--compile"], tmp_path / "compiled", capsys)
+    assert [type(m).__name__ for m in compiled] == ["UNet2DConditionModel"]
+
+
 def test_a_new_users_ratings_and_an_interpolation_become_tastes(
     matched_run, reward_run, tmp_path, capsys
 ):
