@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
-from demo_seeds import checks
+from demo_seeds import checks, summarise
 
 CLAIMS = ("minority", "majority", "diagonal", "smallest", "looks")
 
@@ -36,23 +35,9 @@ def seed_metrics(root: Path, seed: int) -> dict:
 
 def claims(run: dict, baseline: dict) -> dict[str, bool]:
     """`demo_seeds.checks` on `run`'s matched policy against `baseline`'s mean policy."""
-    names = run["clusters"]["names"]
-    pol = run["policies"]
-    gold = {
-        "matched": [pol["matched"]["gold_per_cluster"][n] for n in names],
-        "mean": [baseline["policies"]["mean"]["gold_per_cluster"][n] for n in names],
-    }
-    within = pol["matched"]["vendi_within_taste"]
-    row = {
-        "shares": run["clusters"]["shares"],
-        "gold": gold,
-        "cross_taste_gold": pol["matched"]["cross_taste_gold"],
-        "vendi_within_taste": {
-            "matched": statistics.fmean(within[n] for n in names),
-            "base": pol["base"]["vendi"],
-        },
-        "seconds": 0.0,
-    }
+    row = summarise(run)
+    row["gold"]["mean"] = summarise(baseline)["gold"]["mean"]
+    row["seconds"] = 0.0
     return {name: ok for name, ok in checks(row).items() if name in CLAIMS}
 
 

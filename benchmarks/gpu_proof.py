@@ -639,11 +639,14 @@ def bf16_phases(proof: Proof, trainer: Trainer, base: Path, batch: int) -> None:
                 gaps.append(log.get("logprob_gap"))
                 clipped.append(log.get("clipfrac"))
                 print(f"ddpo epoch {len(gaps)}: {ddpo_s:.1f} s, logprob_gap {gaps[-1]}", flush=True)
-            r["ddpo_epoch_s"] = seconds[0] if len(seconds) == 1 else seconds
+            for key, values in (
+                ("ddpo_epoch_s", seconds),
+                ("logprob_gap", gaps),
+                ("clipfrac", clipped),
+            ):  # one epoch: a number, as earlier runs' JSON has it
+                r[key] = values[0] if len(values) == 1 else values
             r["ddpo_optimizer_steps"] = log.get("optimizer_steps")
             r["ddpo_images"] = cfg.ddpo.sample_batch_size * cfg.ddpo.sample_batches
-            r["logprob_gap"] = gaps[0] if len(gaps) == 1 else gaps
-            r["clipfrac"] = clipped[0] if len(clipped) == 1 else clipped
             r["clip_range"] = cfg.ddpo.clip_range
 
     with proof.phase("logprob_gap_sources") as r:
