@@ -39,7 +39,7 @@ import torch
 from plural_diffusion.backbone import add_lora
 from plural_diffusion.conditioning import TasteConditioner, unet_forward
 from plural_diffusion.configs import CONFIGS
-from plural_diffusion.ddim import ddim_step_with_logprob, trainable_step_mask
+from plural_diffusion.ddim import trainable_step_mask
 from plural_diffusion.ddpo import Trainer
 from plural_diffusion.demo import DemoConfig
 from plural_diffusion.sampling import decode_images, guided_noise
@@ -240,31 +240,20 @@ def step_log_probs(
     enable_grad: bool | None = None,
 ):
     """The policy's log-probs [len(steps), B] of the stored steps of `rows`, recomputed as the
-    DDPO update does (`guided_noise` + `ddim_step_with_logprob` in `trainer.precision()`), for
+    DDPO update does (`Trainer.step_log_prob`), for
     the tastes the sampler was given (`traj.taste`: the null taste where taste dropout drew
     it); with `grad` each step's PPO loss (advantage 1) is backpropagated as the update would.
     `enable_grad` (default: `grad`) runs the forward with autograd on, without a backward."""
     out = []
     for j in steps:
         with torch.set_grad_enabled(grad if enable_grad is None else enable_grad):
-            with trainer.precision():
-                pred = guided_noise(
-                    trainer.unet,
-                    trainer.conditioner,
-                    traj.latents[rows, j],
-                    traj.timesteps[j],
-                    traj.prompt_embeds[rows],
-                    traj.negative_embeds[rows],
-                    None if traj.taste is None else traj.taste[rows],
-                    trainer.cfg.sampling.guidance_scale,
-                )
-            _, log_prob = ddim_step_with_logprob(
-                trainer.pipe.scheduler,
-                pred,
-                traj.timesteps[j],
+            _, log_prob = trainer.step_log_prob(
                 traj.latents[rows, j],
-                eta=trainer.cfg.sampling.eta,
-                prev_sample=traj.latents[rows, j + 1],
+                traj.latents[rows, j + 1],
+                traj.timesteps[j],
+                traj.prompt_embeds[rows],
+                traj.negative_embeds[rows],
+                None if traj.taste is None else traj.taste[rows],
             )
             if grad:
                 ratio = torch.exp(log_prob - traj.log_probs[rows, j])

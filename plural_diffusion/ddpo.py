@@ -126,7 +126,7 @@ class Trainer:
             cfg.rewards, device=self.device, space=space, mean_head=cfg.mean_head or None
         )
         n_experts = self._n_experts()
-        shared = n_experts > 1 and cfg.shared_expert
+        shared = n_experts > 1 and cfg.lora.shared_expert
         # each block is a LoRA of rank r with alpha / r scaling, as one LoRA without experts
         n_blocks = n_experts + int(shared)
         lora_rank, lora_alpha = cfg.lora.rank * n_blocks, cfg.lora.alpha * n_blocks
@@ -152,8 +152,8 @@ class Trainer:
         self.conditioner = None
         if cfg.objective == "matched":
             tokens = cfg.conditioning.expert_tokens
-            if tokens is None:  # the method's own: with DDPO each expert its own taste module
-                tokens = cfg.method == "ddpo" and n_experts > 1
+            if tokens is None:  # with LoRA experts, each expert its own taste module
+                tokens = n_experts > 1
             centred = cfg.conditioning.centred_experts
             if centred is None:  # a new run centres its taste modules' inputs
                 centred = tokens
@@ -530,26 +530,14 @@ class Trainer:
             """The policy's noise prediction and log-prob of step j for sample rows, as the
             update computes them (train mode, autograd on)."""
             z = None if z_all is None else self._policy_taste(z_all[rows], taste[rows_cpu])
-            with self.precision():
-                noise_pred = guided_noise(
-                    self.unet,
-                    self.conditioner,
-                    latents[rows, j],
-                    timesteps[j],
-                    embeds[rows],
-                    negative[rows],
-                    z,
-                    cfg.sampling.guidance_scale,
-                )
-            _, log_prob = ddim_step_with_logprob(
-                scheduler,
-                noise_pred,
-                timesteps[j],
+            return self.step_log_prob(
                 latents[rows, j],
-                eta=cfg.sampling.eta,
-                prev_sample=latents[rows, j + 1],
+                latents[rows, j + 1],
+                timesteps[j],
+                embeds[rows],
+                negative[rows],
+                z,
             )
-            return noise_pred, log_prob
 
         first_order = self._update_order(n)  # the later inner epochs draw theirs when they start
         if ddpo.old_log_probs == "update":
@@ -610,6 +598,26 @@ class Trainer:
         stats["optimizer_steps"] = [updates]
         stats["logprob_gap"] = [self._check_logprob_gap(gap.item())]
         return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
+
+    def step_log_prob(self, x_t, x_prev, t, embeds, negative, z):
+        """The policy's guided noise prediction at step t and the log-prob of stepping from x_t
+        to the stored x_prev, in `self.precision()`, as DDPO's update computes them (`z`: the
+        tastes as the policy reads them; autograd as the caller has it)."""
+        with self.precision():
+            noise_pred = guided_noise(
+                self.unet,
+                self.conditioner,
+                x_t,
+                t,
+                embeds,
+                negative,
+                z,
+                self.cfg.sampling.guidance_scale,
+            )
+        _, log_prob = ddim_step_with_logprob(
+            self.pipe.scheduler, noise_pred, t, x_t, eta=self.cfg.sampling.eta, prev_sample=x_prev
+        )
+        return noise_pred, log_prob
 
     def _update_order(self, n: int) -> torch.Tensor:
         """The epoch's n sample rows in the order the update's minibatches take them: shuffled
@@ -870,6 +878,7 @@ class Trainer:
             write_state(tmp, plain, {**tensors, **per_rank})
 
     def resume(self, directory: Path) -> None:
+        self._check_expert_layout(directory)
         _, conditioner = load_checkpoint(directory / POLICY_DIR, self.unet)
         if (conditioner is None) != (self.conditioner is None):
             raise UserError(
@@ -903,6 +912,25 @@ class Trainer:
         if "cuda_rng" in mine and self.device.type == "cuda":
             torch.cuda.set_rng_state(mine["cuda_rng"], self.device)
         self.pending = (mine["pending_prompt"], mine["pending_taste"], mine["pending_noise"])
+
+    def _check_expert_layout(self, directory: Path) -> None:
+        """A checkpoint resumes only into the layout it was trained with: a shared LoRA block,
+        and a taste module per cluster, or not (DRaFT's defaults had a shared block and one
+        taste module until 2026-11-29, so a run started before resumes with both set)."""
+        path = directory / POLICY_DIR / TASTE_DIR / "config.json"
+        if self.conditioner is None or not path.is_file():
+            return
+        saved = read_json(path)
+        for field, option in (
+            ("shared_expert", "lora.shared_expert"),
+            ("expert_tokens", "conditioning.expert_tokens"),
+        ):
+            was = bool(saved.get(field))
+            if was != bool(getattr(self.conditioner.config, field)):
+                raise UserError(
+                    f"{directory} was trained with {option}={str(was).lower()}; resume it with "
+                    f"{option}={str(was).lower()}"
+                )
 
     def close(self) -> None:
         """Leave the process group (`fit` has finished the trackers); every process calls it
@@ -950,7 +978,7 @@ class Trainer:
             if self.accelerator.is_main_process:
                 with open(self.out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(log) + "\n")
-            if self.epoch % cfg.save_every == 0 or self.epoch == cfg.n_epochs:
+            if self.epoch % cfg.checkpoint_every == 0 or self.epoch == cfg.n_epochs:
                 self.save(ckpt_root / f"epoch-{self.epoch:04d}")  # every rank: its random state
             bar.set_postfix(reward=f"{log['reward_mean']:.3f}")
             bar.update(1)

@@ -31,10 +31,10 @@ class LoraSettings:
     # small one's images toward itself through shared weights
     experts: bool = False
     # with experts: one more LoRA block of this rank shared by every taste (what the tastes have
-    # in common, e.g. leaving a base whose samples are all bright), next to each cluster's own.
-    # None: the method's own, on for DRaFT and off for DDPO, where the shared block left vivid
-    # lower on every seed tried (see README)
-    shared_expert: bool | None = None
+    # in common), next to each cluster's own. Off: under DDPO the shared block left vivid lower
+    # on every seed tried, and under DRaFT it carried most of each taste's look, so a taste
+    # could not be given back its best epoch's expert (see README)
+    shared_expert: bool = False
 
 
 @dataclass
@@ -98,11 +98,13 @@ class DDPOSettings:
     # ratio of 1. With shuffle=rows only the first inner epoch's minibatches are the ones
     # recomputed
     old_log_probs: str = "sampler"
+    save_every: int = 5  # when the top-level `save_every` is 0
 
 
 @dataclass
 class DraftSettings:
     epochs: int = 20  # when the top-level `epochs` is 0
+    save_every: int = 5  # when the top-level `save_every` is 0
     batch_size: int = 12
     steps_per_epoch: int = 2
     last_k_steps: int = 1  # backpropagate the reward through the last K denoising steps
@@ -170,7 +172,7 @@ class TrainConfig:
     # ignore it, as they ignore `conditioning`)
     mean_blend: float = 0.0
     # matched with LoRA experts (tastes by cluster): after training, each cluster keeps its expert
-    # block from the saved checkpoint (every `save_every` epochs, or the last) where that
+    # block from the saved checkpoint (every `checkpoint_every` epochs, or the last) where that
     # taste's own head scores its held-out images highest, beside the last epoch's shared block
     # (with `conditioning.expert_tokens` its taste module comes from the same checkpoint; a
     # shared module stays the last epoch's); written to checkpoints/selected
@@ -196,7 +198,9 @@ class TrainConfig:
     restart_min_gap: float = 0.5
     seed: int = 0
     out_dir: str = "runs/policy"
-    save_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
+    # epochs between checkpoints (the last epoch is always saved; they are `select_experts`'s
+    # candidates). 0: the method's own (ddpo.save_every or draft.save_every), as for `epochs`
+    save_every: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"  # fp16 needs CUDA (loss scaling)
     # under bf16/fp16 the frozen UNet and VAE are stored in that dtype. false: they run in it, as
     # diffusers' pipelines do (LoRA and taste module stay float32 masters). true: under
@@ -234,12 +238,11 @@ class TrainConfig:
         return self.epochs or (self.draft.epochs if self.method == "draft" else self.ddpo.epochs)
 
     @property
-    def shared_expert(self) -> bool:
-        """Whether experts get a block every taste shares: `lora.shared_expert`, or the
-        method's own when that is None (DRaFT yes, DDPO no)."""
-        if self.lora.shared_expert is not None:
-            return self.lora.shared_expert
-        return self.method == "draft"
+    def checkpoint_every(self) -> int:
+        """Epochs between this run's checkpoints: `save_every`, or the method's own when 0."""
+        return self.save_every or (
+            self.draft.save_every if self.method == "draft" else self.ddpo.save_every
+        )
 
 
 def check_options(cfg: TrainConfig, cpu: bool) -> None:
@@ -288,6 +291,12 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         raise UserError(f"restart_ratio={cfg.restart_ratio}: a share of the gain, in (0, 1]")
     if cfg.restart_min_gap < 0:
         raise UserError(f"restart_min_gap={cfg.restart_min_gap}: in head std units, >= 0")
+    if cfg.save_every < 0 or min(cfg.ddpo.save_every, cfg.draft.save_every) < 1:
+        raise UserError(
+            f"save_every={cfg.save_every} (ddpo.save_every={cfg.ddpo.save_every}, "
+            f"draft.save_every={cfg.draft.save_every}): epochs between checkpoints, >= 1 "
+            "(save_every=0: the method's own)"
+        )
     if cfg.select_images < 1:
         raise UserError(f"select_images={cfg.select_images}: must be >= 1")
     if cfg.select_min_gain < 0:

@@ -107,17 +107,27 @@ def test_bool_fields_still_read_yaml_11_words_and_true_false():
 
 
 @pytest.mark.parametrize(
-    ("overrides", "shared"),
+    ("overrides", "every"),
     [
-        ([], True),  # the toy config leaves the shared block to the method: DRaFT has it
-        (["method=ddpo"], False),  # DDPO does not
-        (["method=ddpo", "lora.shared_expert=true"], True),
-        (["lora.shared_expert=false"], False),
+        ([], 1),  # DRaFT saves every epoch: the expert selection sees each taste's peak
+        (["method=ddpo"], 4),  # DDPO's 56 epochs, every fourth
+        (["save_every=3"], 3),  # the top-level value overrides both
+        (["method=ddpo", "save_every=2"], 2),
     ],
 )
-def test_the_toy_configs_shared_expert_block_is_the_methods_own_unless_set(overrides, shared):
+def test_the_toy_configs_checkpoints_are_the_methods_own_unless_set(overrides, every):
     from plural_diffusion.configs import CONFIGS
     from plural_diffusion.train_config import TrainConfig
 
     cfg = load_config(TrainConfig, CONFIGS / "toy.yaml", overrides)
-    assert cfg.shared_expert is shared
+    assert cfg.checkpoint_every == every
+    assert cfg.lora.shared_expert is False  # no block shared by the experts, either method
+
+
+def test_a_checkpoint_interval_below_one_is_refused():
+    from plural_diffusion.train_config import TrainConfig, check_options
+
+    for overrides in (["save_every=-1"], ["draft.save_every=0"], ["ddpo.save_every=0"]):
+        cfg = load_config(TrainConfig, None, overrides)
+        with pytest.raises(UserError, match="epochs between checkpoints, >= 1"):
+            check_options(cfg, cpu=True)

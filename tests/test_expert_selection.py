@@ -61,6 +61,8 @@ def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_blo
         reward_run,
         tmp_path,
         "lora.experts=true",
+        "lora.shared_expert=true",  # the shared layout (DRaFT's default before 2026-11-29)
+        "conditioning.expert_tokens=false",
         "epochs=3",
         "lr=0.02",
         "select_experts=true",

@@ -438,22 +438,51 @@ def test_lora_experts_give_each_cluster_its_own_block_and_reload_for_generation(
     assert (images["noir"] - images["sunny"]).abs().max() > 0.01
 
 
-@pytest.mark.parametrize(("method", "blocks"), [("draft", 4), ("ddpo", 3)])
-def test_the_shared_expert_block_and_taste_modules_are_the_methods_own(
-    toy_assets, reward_run, tmp_path, method, blocks
+@pytest.mark.parametrize("method", ["draft", "ddpo"])
+def test_each_taste_cluster_has_its_own_expert_and_taste_module_and_nothing_is_shared(
+    toy_assets, reward_run, tmp_path, method
 ):
-    # the toy config leaves lora.shared_expert and conditioning.expert_tokens to the method (see
-    # test_config): DRaFT's experts share a fourth block and one taste module, DDPO's do not
+    # with LoRA experts, either method: three blocks (no shared fourth) and a taste module per
+    # cluster, reading its taste relative to its centroid; the shared layout stays an option
     cfg = toy_config(toy_assets, reward_run, tmp_path, f"method={method}")
-    assert cfg.lora.experts and cfg.lora.shared_expert is None
+    assert cfg.lora.experts and cfg.lora.shared_expert is False
     assert cfg.conditioning.expert_tokens is None
     trainer = Trainer(cfg)
     a = next(p for n, p in trainer.unet.named_parameters() if "lora_A" in n)
-    assert a.shape[0] == blocks * cfg.lora.rank
-    assert trainer.conditioner.config.shared_expert == (method == "draft")
-    assert trainer.conditioner.config.expert_tokens == (method == "ddpo")
-    assert trainer.conditioner.config.centred_experts == (method == "ddpo")
-    assert hasattr(trainer.conditioner, "expert_modules") == (method == "ddpo")
+    assert a.shape[0] == 3 * cfg.lora.rank
+    config = trainer.conditioner.config
+    assert not config.shared_expert and config.expert_tokens and config.centred_experts
+    assert len(trainer.conditioner.expert_modules) == 2  # clusters 1 and 2; 0 is the base MLP
+    shared = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path / "shared",
+        f"method={method}",
+        "lora.shared_expert=true",
+        "conditioning.expert_tokens=false",
+    )
+    trainer = Trainer(shared)
+    a = next(p for n, p in trainer.unet.named_parameters() if "lora_A" in n)
+    assert a.shape[0] == 4 * cfg.lora.rank
+    assert not hasattr(trainer.conditioner, "expert_modules")
+
+
+def test_a_checkpoint_resumes_only_into_the_expert_layout_it_was_trained_with(
+    toy_assets, reward_run, tmp_path
+):
+    cfg = toy_config(toy_assets, reward_run, tmp_path, "epochs=1", "select_experts=false")
+    Trainer(cfg).fit(progress=False)
+    ckpt = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    other = toy_config(
+        toy_assets,
+        reward_run,
+        tmp_path,
+        "epochs=2",
+        "lora.shared_expert=true",
+        "select_experts=false",
+    )
+    with pytest.raises(UserError, match="trained with lora.shared_expert=false; resume it with"):
+        Trainer(other).resume(ckpt)
 
 
 @pytest.mark.parametrize("objective", ["mean", "maxmin"])
