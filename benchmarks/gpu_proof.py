@@ -42,7 +42,7 @@ from plural_diffusion.configs import CONFIGS
 from plural_diffusion.ddim import trainable_step_mask
 from plural_diffusion.ddpo import Trainer
 from plural_diffusion.demo import DemoConfig
-from plural_diffusion.sampling import decode_images, guided_noise
+from plural_diffusion.sampling import decode_images
 from plural_diffusion.sd15_random import SD15_CPU, SD15_FULL, save_sd15_random
 from plural_diffusion.toyworld.clip import CONFIG_FILE, WEIGHTS_FILE, register_toy_clip
 from plural_diffusion.toyworld.prepare import prepare_toy
@@ -265,16 +265,13 @@ def step_log_probs(
 def first_step_noise(trainer: Trainer, traj) -> torch.Tensor:
     """The trainer's guided prediction at the first stored step of every row of `traj` (for
     the tastes it was sampled for), no grad, in `trainer.precision()`."""
-    with torch.no_grad(), trainer.precision():
-        return guided_noise(
-            trainer.unet,
-            trainer.conditioner,
+    with torch.no_grad():
+        return trainer.policy_noise(
             traj.latents[:, 0],
             traj.timesteps[0],
             traj.prompt_embeds,
             traj.negative_embeds,
             traj.taste,
-            trainer.cfg.sampling.guidance_scale,
         )
 
 

@@ -39,7 +39,7 @@ from plural_diffusion.backbone import (
     set_lora_state,
     trainable_parameters,
 )
-from plural_diffusion.conditioning import TasteConditioner, load_taste_conditioner
+from plural_diffusion.conditioning import CONFIG_NAME, TasteConditioner, load_taste_conditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
 from plural_diffusion.expert_selection import (
     copy_expert_block,
@@ -599,12 +599,12 @@ class Trainer:
         stats["logprob_gap"] = [self._check_logprob_gap(gap.item())]
         return self._epoch_log(reward, taste, torch.cat([b[2].images for b in batches]), stats)
 
-    def step_log_prob(self, x_t, x_prev, t, embeds, negative, z):
-        """The policy's guided noise prediction at step t and the log-prob of stepping from x_t
-        to the stored x_prev, in `self.precision()`, as DDPO's update computes them (`z`: the
-        tastes as the policy reads them; autograd as the caller has it)."""
+    def policy_noise(self, x_t, t, embeds, negative, z) -> torch.Tensor:
+        """The policy's classifier-free-guided noise prediction at step t, in
+        `self.precision()` (`z`: the tastes as the policy reads them; autograd as the caller
+        has it)."""
         with self.precision():
-            noise_pred = guided_noise(
+            return guided_noise(
                 self.unet,
                 self.conditioner,
                 x_t,
@@ -614,6 +614,11 @@ class Trainer:
                 z,
                 self.cfg.sampling.guidance_scale,
             )
+
+    def step_log_prob(self, x_t, x_prev, t, embeds, negative, z):
+        """The policy's guided noise prediction at step t (`policy_noise`) and the log-prob of
+        stepping from x_t to the stored x_prev, as DDPO's update computes them."""
+        noise_pred = self.policy_noise(x_t, t, embeds, negative, z)
         _, log_prob = ddim_step_with_logprob(
             self.pipe.scheduler, noise_pred, t, x_t, eta=self.cfg.sampling.eta, prev_sample=x_prev
         )
@@ -749,17 +754,7 @@ class Trainer:
         j = int(torch.randint(max(1, n_free), (1,), generator=self.generator))
         x_t, t = traj.latents[:, j], traj.timesteps[j]
         embeds, negative = traj.prompt_embeds, traj.negative_embeds
-        with self.precision():
-            noise_pred = guided_noise(
-                self.unet,
-                self.conditioner,
-                x_t,
-                t,
-                embeds,
-                negative,
-                z,
-                self.cfg.sampling.guidance_scale,
-            )
+        noise_pred = self.policy_noise(x_t, t, embeds, negative, z)
         return self._kl_to_base(noise_pred, x_t, t, embeds, negative)
 
     def _optimizer_step(self):
@@ -917,7 +912,7 @@ class Trainer:
         """A checkpoint resumes only into the layout it was trained with: a shared LoRA block,
         and a taste module per cluster, or not (DRaFT's defaults had a shared block and one
         taste module until 2026-11-29, so a run started before resumes with both set)."""
-        path = directory / POLICY_DIR / TASTE_DIR / "config.json"
+        path = directory / POLICY_DIR / TASTE_DIR / CONFIG_NAME
         if self.conditioner is None or not path.is_file():
             return
         saved = read_json(path)
