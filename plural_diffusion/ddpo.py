@@ -41,10 +41,11 @@ from plural_diffusion.backbone import (
 )
 from plural_diffusion.conditioning import CONFIG_NAME, TasteConditioner, load_taste_conditioner
 from plural_diffusion.ddim import ddim_posterior, ddim_step_with_logprob, trainable_step_mask
+from plural_diffusion.diversity import vendi_score
 from plural_diffusion.expert_selection import (
     copy_expert_block,
     lagging_experts,
-    pick_best,
+    pick_varied,
     with_expert_block,
 )
 from plural_diffusion.policy import TastePolicy
@@ -1032,6 +1033,15 @@ class Trainer:
         z = self.tastes[index.to(self.tastes.device)]
         return self._reward(images, z, index).mean().item()
 
+    @torch.no_grad()
+    def held_out_scores(self, taste: int) -> tuple[float, float]:
+        """(`held_out_reward`, Vendi score of the same images' CLIP features) of the policy's
+        `held_out_images` for `taste`: how well its own head rates them, and how many looks."""
+        images = self.held_out_images(taste)
+        with torch.autocast(self.device.type, enabled=False):
+            features = self.rewards.features(images.float())
+        return self.held_out_reward(taste, images), vendi_score(features)
+
     def _restart_due(self, epoch: int) -> bool:
         """Whether the `restart_experts` check runs after `epoch` (counted from 1)."""
         cfg = self.cfg
@@ -1154,7 +1164,8 @@ class Trainer:
             base = self.held_out_base_reward(k)
             set_lora_state(self.unet, current)
             self._set_taste_modules(current_modules)
-            scores = {last: self.held_out_reward(k)}
+            scores, variety = {}, {}
+            scores[last], variety[last] = self.held_out_scores(k)
             bar.update(1)
             for ckpt, state in candidates.items():
                 if int(ckpt.split("-")[1]) <= restarted.get(name, 0):
@@ -1163,14 +1174,26 @@ class Trainer:
                 set_lora_state(self.unet, with_expert_block(current, state, k, rank))
                 if current_modules is not None:
                     self._set_taste_modules({k: modules[ckpt][k]})
-                scores[ckpt] = self.held_out_reward(k)
+                scores[ckpt], variety[ckpt] = self.held_out_scores(k)
                 bar.update(1)
-            best = pick_best(scores, keep=last, base=base, min_gain=self.cfg.select_min_gain)
+            best = pick_varied(
+                scores,
+                variety,
+                keep=last,
+                base=base,
+                min_gain=self.cfg.select_min_gain,
+                looks=self.cfg.looks_share,
+            )
             if best != last:
                 current = with_expert_block(current, candidates[best], k, rank)
                 if current_modules is not None:
                     current_modules[k] = modules[best][k]
-            selection[name] = {"checkpoint": best, "held_out_reward": scores, "base": base}
+            selection[name] = {
+                "checkpoint": best,
+                "held_out_reward": scores,
+                "held_out_vendi": variety,
+                "base": base,
+            }
         bar.close()
         set_lora_state(self.unet, current)
         self._set_taste_modules(current_modules)

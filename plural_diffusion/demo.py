@@ -95,6 +95,7 @@ POLICY_CODE = (
     "plural_diffusion.backbone",
     "plural_diffusion.conditioning",
     "plural_diffusion.ddim",
+    "plural_diffusion.diversity",
     "plural_diffusion.ddpo",
     "plural_diffusion.expert_selection",
     "plural_diffusion.rewards",

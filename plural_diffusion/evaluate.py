@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from plural_diffusion.diversity import mean_pairwise_distance, vendi_score
 from plural_diffusion.generate import Taste, generate_images
 from plural_diffusion.policy import (
     CheckpointInfo,
@@ -85,24 +86,6 @@ def toy_gold(world_dir: str | Path, cluster_names: list[str]):
     if not (Path(world_dir) / "world.json").is_file():
         raise UserError(f"{world_dir}: not a toy world (no world.json); pass the toy world folder")
     return gold_in_head_order(load_world(world_dir), cluster_names)
-
-
-# --------------------------------------------------------------------------------- diversity
-def vendi_score(features: torch.Tensor) -> float:
-    """Vendi score of L2-normalised features [N, D]: the effective number of distinct items,
-    exp(entropy of the eigenvalues of the cosine-similarity matrix / N); 1 = all identical."""
-    x = torch.nn.functional.normalize(features.double(), dim=1)
-    eig = torch.linalg.eigvalsh(x @ x.T / x.shape[0]).clamp(min=0)
-    eig = eig[eig > 1e-12]
-    return float(torch.exp(-(eig * eig.log()).sum()))
-
-
-def mean_pairwise_distance(features: torch.Tensor) -> float:
-    """Mean cosine distance between distinct items of [N, D] features."""
-    x = torch.nn.functional.normalize(features.double(), dim=1)
-    n = x.shape[0]
-    sim = x @ x.T
-    return float((1 - sim).sum() / (n * (n - 1))) if n > 1 else 0.0
 
 
 # --------------------------------------------------------------------------------- generation

@@ -99,12 +99,14 @@ class DDPOSettings:
     # recomputed
     old_log_probs: str = "sampler"
     save_every: int = 5  # when the top-level `save_every` is 0
+    select_looks: float = 0.0  # when the top-level `select_looks` is unset
 
 
 @dataclass
 class DraftSettings:
     epochs: int = 20  # when the top-level `epochs` is 0
     save_every: int = 5  # when the top-level `save_every` is 0
+    select_looks: float = 0.0  # when the top-level `select_looks` is unset
     batch_size: int = 12
     steps_per_epoch: int = 2
     last_k_steps: int = 1  # backpropagate the reward through the last K denoising steps
@@ -183,6 +185,11 @@ class TrainConfig:
     # a checkpoint's expert replaces the last epoch's only if its held-out reward is higher by
     # this share of the last epoch's gain over the base model (the heads are unsure at the top)
     select_min_gain: float = 0.05
+    # a taste may give up this share of its best checkpoint's held-out gain over the base model
+    # for looks: of the checkpoints within it, the one whose held-out images are most varied
+    # (Vendi score of their CLIP features) is kept (`expert_selection.pick_varied`; 0: off).
+    # Unset: the method's own (draft.select_looks or ddpo.select_looks)
+    select_looks: float | None = None
     # matched with LoRA experts (tastes by cluster): every `restart_every` epochs up to
     # `restart_until` of the run, each taste's own head scores every taste's held-out images;
     # a taste whose own images gained less than `restart_ratio` of what another taste's images
@@ -236,6 +243,14 @@ class TrainConfig:
     def n_epochs(self) -> int:
         """The epochs this run trains: `epochs`, or the method's own when that is 0."""
         return self.epochs or (self.draft.epochs if self.method == "draft" else self.ddpo.epochs)
+
+    @property
+    def looks_share(self) -> float:
+        """The share of its gain a taste may give up for looks in the selection: `select_looks`,
+        or the method's own when unset."""
+        if self.select_looks is not None:
+            return self.select_looks
+        return self.draft.select_looks if self.method == "draft" else self.ddpo.select_looks
 
     @property
     def checkpoint_every(self) -> int:
@@ -301,6 +316,13 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
         raise UserError(f"select_images={cfg.select_images}: must be >= 1")
     if cfg.select_min_gain < 0:
         raise UserError(f"select_min_gain={cfg.select_min_gain}: must be >= 0")
+    for name, looks in (
+        ("select_looks", cfg.select_looks),
+        ("draft.select_looks", cfg.draft.select_looks),
+        ("ddpo.select_looks", cfg.ddpo.select_looks),
+    ):
+        if looks is not None and not 0.0 <= looks < 1.0:
+            raise UserError(f"{name}={looks}: a share of the best checkpoint's gain, in [0, 1)")
     if not 0.0 <= cfg.mean_blend <= 1.0:
         raise UserError(f"mean_blend={cfg.mean_blend}: a weight in [0, 1] (0: off)")
     if cfg.lr_warmup < 0:

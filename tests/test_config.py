@@ -124,6 +124,32 @@ def test_the_toy_configs_checkpoints_are_the_methods_own_unless_set(overrides, e
     assert cfg.lora.shared_expert is False  # no block shared by the experts, either method
 
 
+@pytest.mark.parametrize(
+    ("overrides", "looks"),
+    [
+        ([], 0.05),  # DRaFT's tastes trade up to 5% of their gain for looks in the selection
+        (["method=ddpo"], 0.0),  # DDPO's selection is by reward alone
+        (["select_looks=0.2"], 0.2),  # the top-level value overrides both
+        (["method=ddpo", "select_looks=0.1"], 0.1),
+        (["select_looks=0"], 0.0),  # 0 is off, not unset
+    ],
+)
+def test_the_toy_configs_looks_share_is_the_methods_own_unless_set(overrides, looks):
+    from plural_diffusion.configs import CONFIGS
+    from plural_diffusion.train_config import TrainConfig
+
+    assert load_config(TrainConfig, CONFIGS / "toy.yaml", overrides).looks_share == looks
+
+
+def test_a_looks_share_outside_zero_to_one_is_refused():
+    from plural_diffusion.train_config import TrainConfig, check_options
+
+    for overrides in (["select_looks=1"], ["draft.select_looks=-0.1"], ["ddpo.select_looks=2"]):
+        cfg = load_config(TrainConfig, None, overrides)
+        with pytest.raises(UserError, match="select_looks=.*: a share of the best checkpoint's"):
+            check_options(cfg, cpu=True)
+
+
 def test_a_checkpoint_interval_below_one_is_refused():
     from plural_diffusion.train_config import TrainConfig, check_options
 

@@ -17,6 +17,7 @@ from plural_diffusion.expert_selection import (
     copy_expert_block,
     lagging_experts,
     pick_best,
+    pick_varied,
     with_expert_block,
 )
 from reward_models.errors import UserError
@@ -53,6 +54,28 @@ def test_a_checkpoint_replaces_the_last_only_by_a_share_of_the_tastes_gain():
     assert pick_best({"a": 1.5, "b": 1.0}, keep="b", base=3.0, min_gain=0.05) == "a"
 
 
+def test_a_taste_gives_up_a_share_of_its_best_gain_for_looks_and_no_more():
+    scores = {"epoch-0004": 7.4, "epoch-0008": 7.8, "epoch-0012": 8.0}  # base 2.0: gain 6.0
+    vendi = {"epoch-0004": 2.6, "epoch-0008": 1.9, "epoch-0012": 1.1}
+    pick = dict(keep="epoch-0012", base=2.0, min_gain=0.05)
+    assert pick_varied(scores, vendi, **pick, looks=0.0) == "epoch-0012"  # pick_best's choice
+    # 5% of the best gain is 0.3: epoch 8 (0.2 below) is near enough, epoch 4 (0.6) is not
+    assert pick_varied(scores, vendi, **pick, looks=0.05) == "epoch-0008"
+    assert pick_varied(scores, vendi, **pick, looks=0.1) == "epoch-0004"
+    # measured from the best candidate, not from the last epoch's: a checkpoint that beats
+    # the last one by the selection's margin sets the bar
+    ahead = {**scores, "epoch-0016": 7.0, "epoch-0012": 8.0}
+    assert (
+        pick_varied(
+            ahead, {**vendi, "epoch-0016": 3.0}, **{**pick, "keep": "epoch-0016"}, looks=0.05
+        )
+        == "epoch-0008"
+    )
+    # equally varied: pick_best's choice stays
+    same = dict.fromkeys(scores, 1.5)
+    assert pick_varied(scores, same, **pick, looks=0.1) == "epoch-0012"
+
+
 def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_block_is_the_last(
     toy_assets, reward_run, tmp_path
 ):
@@ -68,6 +91,7 @@ def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_blo
         "select_experts=true",
         "select_images=4",
         "select_min_gain=0",
+        "select_looks=0.5",
     )
     trainer = Trainer(cfg)
     trainer.fit(progress=False)
@@ -83,10 +107,14 @@ def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_blo
     for k, name in enumerate(trainer.taste_names):
         scores = selection[name]["held_out_reward"]
         assert set(scores) == {"epoch-0001", "epoch-0002", "epoch-0003"}
-        best, last_score = selection[name]["checkpoint"], scores["epoch-0003"]
-        margin = 0.05 * max(last_score - selection[name]["base"], 0.0)
-        assert best == "epoch-0003" or scores[best] > last_score + margin
-        assert best == max(scores, key=scores.get) or best == "epoch-0003"
+        # and how many looks each candidate's 4 held-out images hold (Vendi: 1 to 4)
+        vendi = selection[name]["held_out_vendi"]
+        assert set(vendi) == set(scores) and all(1 - 1e-6 <= v <= 4 + 1e-6 for v in vendi.values())
+        # the most varied candidate within half the best gain, else the best (by no margin)
+        best, base = selection[name]["checkpoint"], selection[name]["base"]
+        assert best == pick_varied(scores, vendi, "epoch-0003", base, min_gain=0, looks=0.5)
+        top = max(scores.values())
+        assert scores[best] >= top - 0.5 * max(top - base, 0)
         source = read_lora_state(root / best / "policy")
         rows = slice(k * rank, (k + 1) * rank)
         for key, value in chosen.items():
@@ -259,6 +287,7 @@ def rig_held_out_rewards(trainer, monkeypatch) -> None:
 
     monkeypatch.setattr(trainer, "held_out_images", held_out_images)
     monkeypatch.setattr(trainer, "held_out_reward", held_out_reward)
+    monkeypatch.setattr(trainer, "held_out_scores", lambda taste: (held_out_reward(taste), 1.0))
 
 
 def test_a_stuck_expert_restarts_from_another_with_its_adam_moments(
