@@ -57,6 +57,11 @@ def pick_best(scores: dict[str, float], keep: str, base: float, min_gain: float)
     return best if scores[best] > scores[keep] + margin else keep
 
 
+# Vendi scores within a tenth of a look of each other count as equally varied (16 images of one
+# look score 1.00-1.05): no reward is given up for less
+LOOKS_RESOLUTION = 0.1
+
+
 def pick_varied(
     scores: dict[str, float],
     variety: dict[str, float],
@@ -74,14 +79,18 @@ def pick_varied(
     (the demo's matched policy, 16 evaluation images per taste): noir's images had gold .955
     and Vendi 1.96 at epoch 7, gold .970 and Vendi 1.12 at epoch 20; the base model's Vendi is
     2.56. A taste gives up at most that share of its gain for its looks, and only where its own
-    head scores the two nearly alike.
+    head scores the two nearly alike. Candidates within `LOOKS_RESOLUTION` of the most varied
+    one count as varied as it: of those, `pick_best`'s choice if it is one, else the
+    highest-scoring.
     """
     choice = pick_best(scores, keep, base, min_gain)
     if looks <= 0:
         return choice
     top = max(scores.values())
     near = [name for name in scores if scores[name] >= top - looks * max(top - base, 0.0)]
-    return max(near, key=lambda name: (variety[name], name == choice))
+    most = max(variety[name] for name in near)
+    varied = [name for name in near if variety[name] >= most - LOOKS_RESOLUTION]
+    return choice if choice in varied else max(varied, key=scores.__getitem__)
 
 
 def lagging_experts(

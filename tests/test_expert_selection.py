@@ -74,6 +74,12 @@ def test_a_taste_gives_up_a_share_of_its_best_gain_for_looks_and_no_more():
     # equally varied: pick_best's choice stays
     same = dict.fromkeys(scores, 1.5)
     assert pick_varied(scores, same, **pick, looks=0.1) == "epoch-0012"
+    # a few hundredths of a look are no looks: no reward is given up for them
+    alike = {"epoch-0004": 1.04, "epoch-0008": 1.08, "epoch-0012": 1.01}
+    assert pick_varied(scores, alike, **pick, looks=0.1) == "epoch-0012"
+    # of the candidates about as varied as the most varied, the highest-scoring
+    two = {"epoch-0004": 2.6, "epoch-0008": 2.55, "epoch-0012": 1.1}
+    assert pick_varied(scores, two, **pick, looks=0.1) == "epoch-0008"
 
 
 def test_each_taste_keeps_its_expert_from_its_best_checkpoint_and_the_shared_block_is_the_last(
