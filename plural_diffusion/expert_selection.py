@@ -13,7 +13,8 @@ a shared module stays the last epoch's). Gold is never seen; the images are draw
 prompts and noise that training does not use, the same for every candidate, so candidates
 differ only by their weights. A checkpoint replaces
 the last epoch's expert only when it beats it by `select_min_gain` of the taste's gain over the
-base model (`pick_best`).
+base model (`pick_best`). With `select_looks`, a taste may give up a share of its best gain for
+a checkpoint whose held-out images are more varied (`pick_varied`).
 
 A LoRA of rank E * r holds E blocks of rank r (`plural_diffusion.experts`): block e is rows
 e*r:(e+1)*r of each `lora_A` weight and the same columns of each `lora_B` weight.
