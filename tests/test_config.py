@@ -127,8 +127,10 @@ def test_the_toy_configs_checkpoints_are_the_methods_own_unless_set(overrides, e
 @pytest.mark.parametrize(
     ("overrides", "looks"),
     [
-        ([], 0.05),  # DRaFT's tastes trade up to 5% of their gain for looks in the selection
-        (["method=ddpo"], 0.0),  # DDPO's selection is by reward alone
+        ([], 0.0),  # the selection is by reward alone (README: 0.05 was a trade, not a gain)
+        (["method=ddpo"], 0.0),
+        (["draft.select_looks=0.05"], 0.05),  # the method's own when the top level is unset
+        (["method=ddpo", "draft.select_looks=0.05"], 0.0),
         (["select_looks=0.2"], 0.2),  # the top-level value overrides both
         (["method=ddpo", "select_looks=0.1"], 0.1),
         (["select_looks=0"], 0.0),  # 0 is off, not unset
