@@ -72,8 +72,8 @@ def cap_rewards(trainer: Trainer, world_images: torch.Tensor, q: float) -> list[
         )
     reward = trainer._reward
 
-    def capped(images, z, taste):
-        r = reward(images, z, taste)
+    def capped(images, z, taste, features=None):
+        r = reward(images, z, taste, features)
         return torch.minimum(r, caps.to(r)[taste.to(r.device) % len(caps)])
 
     trainer._reward = capped
@@ -84,9 +84,11 @@ def charge_other_tastes(trainer: Trainer, beta: float, margin: float) -> None:
     """An image's reward for its taste k minus beta * sum_j relu(r_j - r_k + margin)."""
     rewards = trainer.rewards
 
-    def distinct(images, z, taste):
+    def distinct(images, z, taste, features=None):
         with torch.autocast(trainer.device.type, enabled=False):
-            scores = rewards.cluster_scores(rewards.features(images.float()))  # [B, K]
+            if features is None:
+                features = rewards.features(images.float())
+            scores = rewards.cluster_scores(features)  # [B, K]
         k = (taste % scores.shape[1]).to(scores.device)
         own = scores.gather(1, k[:, None])
         others = (scores - own + margin).clamp(min=0)
@@ -143,8 +145,8 @@ def reward_readable_codes(trainer: Trainer, state: dict, n_codes: int, lam: floa
     reader = torch.optim.Adam([weight, bias], lr=0.01)
     reward = trainer._reward
 
-    def coded(images, z, taste):
-        r = reward(images, z, taste)
+    def coded(images, z, taste, features=None):
+        r = reward(images, z, taste, features)
         t, code = (taste % n_tastes).cpu(), state["code"]
         features = rewards.features(images.float()).cpu()
         for _ in range(5):  # the reader keeps up with the policy

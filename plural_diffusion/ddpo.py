@@ -437,9 +437,10 @@ class Trainer:
         window[start : start + ddpo.stochastic_window] = True
         return window
 
-    def _reward(self, images, z, taste):
+    def _reward(self, images, z, taste, features=None):
         """The reward of each image for the taste it was generated for, [B] (taste: indices
-        into the taste table, for the ensemble penalty).
+        into the taste table, for the ensemble penalty; features: the images' CLIP features,
+        when the caller already has them).
 
         In float32 whatever the training precision: CLIP and the heads were fitted on float32
         features, and under bf16 autocast the reward moves by more than the differences
@@ -454,6 +455,7 @@ class Trainer:
                 source=self.cfg.taste.source,
                 assign=None if self.maxmin is None else self._assign_by_need,
                 mean_blend=self.cfg.mean_blend,
+                features=features,
             )
 
     def _assign_by_need(self, scores: torch.Tensor) -> torch.Tensor:
@@ -1025,13 +1027,15 @@ class Trainer:
         return self._held_out_base[taste]
 
     @torch.no_grad()
-    def held_out_reward(self, taste: int, images: torch.Tensor | None = None) -> float:
+    def held_out_reward(
+        self, taste: int, images: torch.Tensor | None = None, features: torch.Tensor | None = None
+    ) -> float:
         """Mean reward for taste `taste`, by its own head, of `images` (default: the policy's
-        `held_out_images` for that taste)."""
+        `held_out_images` for that taste; `features`: theirs, when already encoded)."""
         images = self.held_out_images(taste) if images is None else images
         index = torch.full((len(images),), taste)
         z = self.tastes[index.to(self.tastes.device)]
-        return self._reward(images, z, index).mean().item()
+        return self._reward(images, z, index, features).mean().item()
 
     @torch.no_grad()
     def held_out_scores(self, taste: int) -> tuple[float, float]:
@@ -1040,7 +1044,7 @@ class Trainer:
         images = self.held_out_images(taste)
         with torch.autocast(self.device.type, enabled=False):
             features = self.rewards.features(images.float())
-        return self.held_out_reward(taste, images), vendi_score(features)
+        return self.held_out_reward(taste, images, features), vendi_score(features)
 
     def _restart_due(self, epoch: int) -> bool:
         """Whether the `restart_experts` check runs after `epoch` (counted from 1)."""

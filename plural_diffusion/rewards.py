@@ -172,6 +172,7 @@ class TasteRewards:
         source: TasteSource = "clusters",
         assign: Callable[[torch.Tensor], torch.Tensor] | None = None,
         mean_blend: float = 0.0,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reward [B] of each image under `objective`.
 
@@ -182,9 +183,10 @@ class TasteRewards:
         ensemble's std, which needs `taste_index` [B] (rows of the `source` taste table) for
         matched, as the members read tastes by index. mean_blend > 0 (matched) shrinks each
         reward toward the mean head by mean_blend times its cluster's share; it too needs
-        `taste_index`.
+        `taste_index`. features: the images' `features`, when the caller already has them.
         """
-        features = self.features(images)
+        if features is None:
+            features = self.features(images)
         if objective == "mean":
             reward, index = self.mean_head.score(features, None), None
         elif objective == "matched":

@@ -190,7 +190,7 @@ def test_with_expert_tokens_a_taste_takes_its_module_from_the_checkpoint_of_its_
     best = {0: "epoch-0001", 1: "epoch-0002", 2: "epoch-0003"}
     seen = []
 
-    def held_out_reward(k, images=None):
+    def held_out_reward(k, images=None, features=None):
         b = epoch_of(block(lora_state(trainer.unet), k), k, lambda s, k: block(s[0], k))
         m = epoch_of(module(trainer.conditioner, k), k, lambda s, k: module(s[1], k))
         seen.append((k, b, m))
