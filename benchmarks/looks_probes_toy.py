@@ -148,7 +148,9 @@ def reward_readable_codes(trainer: Trainer, state: dict, n_codes: int, lam: floa
     def coded(images, z, taste, features=None):
         r = reward(images, z, taste, features)
         t, code = (taste % n_tastes).cpu(), state["code"]
-        features = rewards.features(images.float()).cpu()
+        if features is None:
+            features = rewards.features(images.float())
+        features = features.cpu()
         for _ in range(5):  # the reader keeps up with the policy
             reader.zero_grad()
             logits = torch.einsum("bd,bdk->bk", features.detach(), weight[t]) + bias[t]
