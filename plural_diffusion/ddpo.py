@@ -254,9 +254,15 @@ class Trainer:
         similarities = []
         with self._draws_aside(), disable_adapters(self.unet):
             for _ in range(batches):
-                _, taste, _, traj = self._sample_batch(self.cfg.draft.batch_size, policy=base)
+                _, taste, _, traj = self._sample_batch(self._draft_batch(), policy=base)
                 similarities.append(self._within_taste_similarity(traj.images.float(), taste))
         return float(self.accelerator.reduce(torch.stack(similarities).mean(), "mean"))
+
+    def _draft_batch(self) -> int:
+        """Images a DRaFT step draws: `draft.batch_size`, times the taste clusters with
+        `draft.batch_per_taste` and experts (each expert then sees `batch_size` a step)."""
+        draft = self.cfg.draft
+        return draft.batch_size * (self._n_experts() if draft.batch_per_taste else 1)
 
     def _n_experts(self) -> int:
         """LoRA experts: one per taste cluster with lora.experts for objective=matched, else 1
@@ -694,7 +700,7 @@ class Trainer:
         self.unet.train()
         rewards, tastes, images, losses, kls, sims = [], [], [], [], [], []
         for _ in range(draft.steps_per_epoch):
-            prompt, taste, z, traj = self._sample_batch(draft.batch_size, draft.last_k_steps)
+            prompt, taste, z, traj = self._sample_batch(self._draft_batch(), draft.last_k_steps)
             # the reward for taste z, differentiable all the way back to the LoRA
             reward = self._reward(traj.images, z, taste)
             self._check_finite(reward, "reward")

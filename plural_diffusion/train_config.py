@@ -108,6 +108,10 @@ class DraftSettings:
     save_every: int = 5  # when the top-level `save_every` is 0
     select_looks: float = 0.0  # when the top-level `select_looks` is unset
     batch_size: int = 12
+    # batch_size counts images per taste cluster: objective=matched over K clusters draws
+    # batch_size * K images a step, so each cluster's expert learns from as many images as a
+    # taste-blind policy's one LoRA does (the taste-blind objectives draw batch_size)
+    batch_per_taste: bool = False
     steps_per_epoch: int = 2
     last_k_steps: int = 1  # backpropagate the reward through the last K denoising steps
     # divide each image's reward by the running std of its (prompt, taste) key's rewards, as
@@ -298,6 +302,12 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
                 f"{option}=true {what}, so it needs lora.experts=true and taste.source=clusters "
                 f"or latents; set {option}=false to train without it"
             )
+    if cfg.draft.batch_per_taste and cfg.objective == "matched" and not routed:
+        raise UserError(
+            "draft.batch_per_taste=true draws draft.batch_size images for each taste cluster, so "
+            "it needs lora.experts=true and taste.source=clusters or latents; set "
+            "draft.batch_per_taste=false and draft.batch_size to the images a step"
+        )
     if cfg.restart_every < 1:
         raise UserError(f"restart_every={cfg.restart_every}: epochs between checks, >= 1")
     if not 0.0 <= cfg.restart_until <= 1.0:

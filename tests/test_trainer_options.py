@@ -580,3 +580,52 @@ def test_a_window_as_long_as_the_sampler_makes_every_step_stochastic(
             toy_assets, reward_run, tmp_path, "sampling.steps=6", f"ddpo.stochastic_window={window}"
         )
         assert Trainer(cfg)._stochastic_window() is None
+
+
+def test_draft_batch_per_taste_gives_each_expert_the_images_a_taste_blind_policy_gets(
+    toy_assets, reward_run, tmp_path, monkeypatch
+):
+    """With `draft.batch_per_taste` each taste cluster's expert learns from `batch_size`
+    images a step, as the taste-blind policy's one LoRA does: matched over K clusters draws K
+    times as many."""
+    drawn = {}
+    for objective in ("matched", "mean"):
+        trainer = Trainer(
+            toy_config(
+                toy_assets,
+                reward_run,
+                tmp_path / objective,
+                f"objective={objective}",
+                "draft.batch_size=2",
+                "draft.batch_per_taste=true",
+            )
+        )
+        draw, drawn[objective] = trainer.draw_batch, []
+
+        def record(batch, draw=draw, seen=drawn[objective]):
+            prompt, taste, z, noise = draw(batch)
+            seen.append(taste.bincount().tolist())
+            return prompt, taste, z, noise
+
+        monkeypatch.setattr(trainer, "draw_batch", record)
+        trainer.train_epoch()
+    k = len(trainer.rewards.cluster_names)
+    assert drawn["matched"] == [[2] * k]  # one step: two images for each cluster
+    assert drawn["mean"] == [[2]]  # the taste-blind policy's one "none" taste
+
+
+def test_batch_per_taste_without_taste_experts_stops_with_a_one_line_error(
+    toy_assets, reward_run, tmp_path
+):
+    with pytest.raises(UserError, match="draft.batch_per_taste=true draws draft.batch_size"):
+        Trainer(
+            toy_config(
+                toy_assets,
+                reward_run,
+                tmp_path,
+                "draft.batch_per_taste=true",
+                "taste.source=raters",
+                "select_experts=false",
+                "restart_experts=false",
+            )
+        )
