@@ -292,22 +292,23 @@ def check_options(cfg: TrainConfig, cpu: bool) -> None:
             "image per taste); set taste.grouped=false to draw tastes by their shares"
         )
     per_expert = {  # options that act on each taste cluster's LoRA expert block
-        "select_experts": "picks each taste cluster's LoRA expert",
-        "restart_experts": "restarts a taste cluster's LoRA expert from another's",
+        "select_experts": (cfg.select_experts, "picks each taste cluster's LoRA expert"),
+        "restart_experts": (
+            cfg.restart_experts,
+            "restarts a taste cluster's LoRA expert from another's",
+        ),
+        "draft.batch_per_taste": (
+            cfg.draft.batch_per_taste,
+            "draws draft.batch_size images for each taste cluster's expert",
+        ),
     }
     routed = cfg.lora.experts and taste.source in ("clusters", "latents")
-    for option, what in per_expert.items():
-        if getattr(cfg, option) and cfg.objective == "matched" and not routed:
+    for option, (on, what) in per_expert.items():
+        if on and cfg.objective == "matched" and not routed:
             raise UserError(
                 f"{option}=true {what}, so it needs lora.experts=true and taste.source=clusters "
                 f"or latents; set {option}=false to train without it"
             )
-    if cfg.draft.batch_per_taste and cfg.objective == "matched" and not routed:
-        raise UserError(
-            "draft.batch_per_taste=true draws draft.batch_size images for each taste cluster, so "
-            "it needs lora.experts=true and taste.source=clusters or latents; set "
-            "draft.batch_per_taste=false and draft.batch_size to the images a step"
-        )
     if cfg.restart_every < 1:
         raise UserError(f"restart_every={cfg.restart_every}: epochs between checks, >= 1")
     if not 0.0 <= cfg.restart_until <= 1.0:
