@@ -87,8 +87,8 @@ class TasteConditioningConfig:
     shared_expert: bool = False
     # each taste cluster's own taste module (MLP and output projection), mixed by the same gates
     # as the LoRA experts: no taste's update moves another cluster's tokens (needs `experts`).
-    # None, in a training config: on with LoRA experts (see README); a built conditioner has
-    # True or False
+    # None, in a training config: on with LoRA experts (see benchmarks/RESULTS.md); a built
+    # conditioner has True or False
     expert_tokens: bool | None = None
     # with `expert_tokens`: each module reads the taste relative to its routed centroid (z minus
     # the gate-weighted centroids) and the null taste as it is, so a module copied from one

@@ -416,7 +416,8 @@ class Trainer:
         stochastic window (first N steps) only those steps with noise. Its held-out images, and
         `generate` and `evaluate`, then sample what training rewarded. Measured over the toy
         demo's seeds 0-4, each taste its own module: seed 0's vivid .425 with noise in every
-        step (its images pleased noir more, .562), .549 sampled as trained (README)."""
+        step (its images pleased noir more, .562), .549 sampled as trained
+        (benchmarks/RESULTS.md)."""
         ddpo, sampling = self.cfg.ddpo, self.cfg.sampling
         first = ddpo.window_start == "first" and 0 < ddpo.stochastic_window < sampling.steps
         window = ddpo.stochastic_window if self.cfg.method == "ddpo" and first else 0
@@ -706,7 +707,7 @@ class Trainer:
             self._check_finite(reward, "reward")
             if draft.normalize:
                 # the batch's std for a rare key, whatever DDPO's advantages fall back to: DRaFT's
-                # normalisation was measured with it (see README)
+                # normalisation was measured with it (see benchmarks/RESULTS.md)
                 _, std = self._key_stats(prompt, taste, reward.detach())
                 loss = -(reward / std).mean()
             else:
@@ -1105,8 +1106,9 @@ class Trainer:
         nearly every advantage is positive for as long as the history holds old rewards (32
         epochs of a matched key on the toy config), and the update reinforces whatever the
         expert sampled. Measured on the toy base of seed 5: vivid restarted from sunny's expert
-        13 times, every check from epoch 3 to 27, and ended at gold .19 (see README). Reward
-        backpropagation only divides by the key's std, and keeps it."""
+        13 times, every check from epoch 3 to 27, and ended at gold .19 (see
+        benchmarks/RESULTS.md). Reward backpropagation only divides by the key's std, and keeps
+        it."""
         prompts = range(len(self.cfg.prompts))
         self.tracker.forget([self.reward_keys(p, k) for p in prompts for k in tastes], tastes)
 

@@ -227,6 +227,14 @@ class TasteRewards:
     ) -> torch.Tensor:
         """Std [B] over the rater-head ensemble of each image's utility for its taste
         (`taste_index` [B] into the `source` table; None = the null taste, no preference)."""
+        return self.ensemble_utilities(features, taste_index, source).std(dim=0)
+
+    def ensemble_utilities(
+        self, features: torch.Tensor, taste_index: torch.Tensor | None, source: TasteSource
+    ) -> torch.Tensor:
+        """[M, B] each image's utility for its taste under each head of the rater-head ensemble:
+        row 0 the run's own head, then its bootstrapped members, each reading the taste in its
+        own space (the same rater, or the mean of the same cluster's raters)."""
         if self.space != "rater":
             raise UserError("the ensemble penalty works in the rater head's taste space only")
         if not self.members:
@@ -239,7 +247,7 @@ class TasteRewards:
         for head, tastes in zip(heads, self._member_tastes[source]):
             z = None if taste_index is None else tastes[taste_index.to(tastes.device)]
             utilities.append(head.score(features, z))
-        return torch.stack(utilities).std(dim=0)
+        return torch.stack(utilities)
 
 
 def _cluster_means(tastes: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:

@@ -33,7 +33,7 @@ class LoraSettings:
     # with experts: one more LoRA block of this rank shared by every taste (what the tastes have
     # in common), next to each cluster's own. Off: under DDPO the shared block left vivid lower
     # on every seed tried, and under DRaFT it carried most of each taste's look, so a taste
-    # could not be given back its best epoch's expert (see README)
+    # could not be given back its best epoch's expert (see benchmarks/RESULTS.md)
     shared_expert: bool = False
 
 

@@ -212,7 +212,11 @@ def test_ensemble_penalty_subtracts_k_times_the_heads_disagreement(ensemble_run)
     taste = torch.tensor([0, 1, 2, 0, 1, 2])
     z = rewards.cluster_tastes[taste]
     plain = rewards.reward(images, z, "matched")
+    utilities = rewards.ensemble_utilities(rewards.features(images), taste, "clusters")
+    assert utilities.shape == (3, 6)  # the run's own head, then its two members
+    torch.testing.assert_close(utilities[0], plain)
     std = rewards.ensemble_std(rewards.features(images), taste, "clusters")
+    torch.testing.assert_close(std, utilities.std(dim=0))
     assert (std > 0).all()  # bootstrapped heads disagree somewhere on random images
     penalised = rewards.reward(images, z, "matched", penalty=2.0, taste_index=taste)
     torch.testing.assert_close(penalised, plain - 2.0 * std)
