@@ -2,7 +2,7 @@
 demo policies' majority images with the majority's head, with bootstrapped copies of it, and
 with gold.
 
-    python benchmarks/majority_heads_toy.py --base-seeds 3 11 12 18 [--ensemble 4] [--epochs]
+    python benchmarks/majority_heads_toy.py --base-seeds 1 3 11 12 14 15 18 [--ensemble 4] [--epochs]
 
 Per toy base seed S, the demo's `mean` and `matched` policies (`plural-diffusion demo
 prepare.base.seed=S "train_overrides=[seed=S]"`, as `demo_seeds.py` runs it; cached stages are
@@ -96,7 +96,7 @@ def one_base(seed: int, ensemble: int, epochs: bool) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--base-seeds", type=int, nargs="+", default=[3, 11, 12, 18])
+    parser.add_argument("--base-seeds", type=int, nargs="+", default=[1, 3, 11, 12, 14, 15, 18])
     parser.add_argument("--ensemble", type=int, default=4, help="bootstrapped rater heads")
     parser.add_argument("--epochs", action="store_true", help="score every matched checkpoint")
     args = parser.parse_args()
